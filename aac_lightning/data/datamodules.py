@@ -136,7 +136,8 @@ class AudioCaptionDataModule(pl.LightningDataModule):
             Clotho development trains and validation validates.
         resplit_train_fraction: share of clips for training in the re-split.
         resplit_seed: seed of the re-split.
-        sample_rate: rate the audio is resampled to (Hz); must match the audio encoder.
+        sample_rate: rate the audio is resampled to (Hz); `None` (default) follows the model's
+            `sample_rate` (its audio encoder's) once attached to a trainer, else 32000.
         batch_size: per-device training batch size (global batch = this x devices).
         eval_batch_size: per-device evaluation batch size (defaults to `batch_size`).
         num_workers: data loader worker processes.
@@ -158,7 +159,7 @@ class AudioCaptionDataModule(pl.LightningDataModule):
         resplit: bool = True,
         resplit_train_fraction: float = 0.9,
         resplit_seed: int = 0,
-        sample_rate: int = 32000,
+        sample_rate: int | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -196,8 +197,22 @@ class AudioCaptionDataModule(pl.LightningDataModule):
         self._clotho_split: tuple[list[str], list[str]] | None = None
 
     # ------------------------------------------------------------------ datasets
+    def resolved_sample_rate(self) -> int:
+        """The rate audio is read at: the configured one, else the attached model's, else 32000."""
+        trainer = self.trainer
+        model = trainer.lightning_module if trainer is not None else None
+        model_rate = getattr(model, "sample_rate", None)
+        if self.sample_rate is not None:
+            if model_rate is not None and model_rate != self.sample_rate:
+                raise ValueError(
+                    f"data.sample_rate={self.sample_rate} but the model's audio encoder expects {model_rate} Hz; "
+                    "leave data.sample_rate unset to follow the model"
+                )
+            return self.sample_rate
+        return int(model_rate) if model_rate is not None else 32000
+
     def _read(self, cls, source: str, subset: str | None) -> CaptionDataset:
-        kwargs = dict(sample_rate=self.sample_rate, on_missing=self.on_missing, on_bad_audio=self.on_bad_audio)
+        kwargs = dict(sample_rate=self.resolved_sample_rate(), on_missing=self.on_missing, on_bad_audio=self.on_bad_audio)
         root = self.roots[source]
         return cls(root, **kwargs) if subset is None else cls(root, subset, **kwargs)
 
@@ -240,6 +255,9 @@ class AudioCaptionDataModule(pl.LightningDataModule):
         return self._clips[split]
 
     def setup(self, stage: str | None = None) -> None:
+        # Clips read before a model was attached (e.g. for the vocabulary) may be at another rate.
+        rate = self.resolved_sample_rate()
+        self._clips = {split: clips for split, clips in self._clips.items() if clips.sample_rate == rate}
         if stage in (None, "fit"):
             self.clips("train")
             self.clips("val")

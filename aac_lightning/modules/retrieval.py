@@ -1,0 +1,168 @@
+"""Contrastive audio-text stage: pre-training and Clotho fine-tuning of the bi-encoder (one class, two configs)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from aac_lightning.metrics.retrieval import audio_to_text_metrics, retrieval_metrics
+from aac_lightning.modules.base import AACModule, extract_submodule_state, load_state_dict_strict, warmup_cosine
+from aac_lightning.nn.audio_encoders import load_audio_encoder
+from aac_lightning.nn.bi_encoder import BiEncoder
+from aac_lightning.nn.contrastive import ContrastiveLoss
+from aac_lightning.nn.text_encoders import TextEncoder
+from aac_lightning.utils.distributed import all_gather_sizes, all_gather_tensor, is_distributed
+
+log = logging.getLogger(__name__)
+
+
+class ContrastiveRetrieval(AACModule):
+    """Bi-encoder trained with the report's symmetric InfoNCE (eq. 6); evaluated by text-to-audio retrieval.
+
+    Args:
+        audio_encoder: `cnn14`, `wavegram_logmel_cnn14` or `ast`.
+        audio_encoder_kwargs: constructor arguments of the audio encoder (sizes, front end).
+        audio_checkpoint: official PANNs / AST weights to start the audio encoder from.
+        text_encoder: hub id, local directory or alias (`minilm-l6`) of the text encoder.
+        text_pretrained: start the text encoder from its pretrained weights (else random, offline).
+        text_max_length: tokens per caption after truncation.
+        text_pooling: `cls` (first token, the report's choice) or `mean`.
+        embed_dim: size of the shared embedding space.
+        init_temperature: initial softmax temperature (trainable, logit scale clamped at 100).
+        lr: peak learning rate of Adam (1e-4 pre-training, 2e-5 fine-tuning).
+        weight_decay: Adam weight decay (never applied to the temperature).
+        warmup_epochs: epochs of linear warm-up before the cosine decay.
+        gather_negatives: under DDP, use the global batch as negatives.
+        mask_same_clip: captions of the same clip in a batch are not each other's negatives.
+        init_from: a contrastive checkpoint whose weights start this run (fine-tuning; weights only,
+            strict). Resuming the same run uses the trainer's `ckpt_path` instead.
+    """
+
+    kind = "contrastive"
+    handoff_arguments = ("init_from", "audio_checkpoint")
+
+    def __init__(
+        self,
+        audio_encoder: str = "cnn14",
+        audio_encoder_kwargs: dict[str, Any] | None = None,
+        audio_checkpoint: str | None = None,
+        text_encoder: str = "bert-base-uncased",
+        text_pretrained: bool = True,
+        text_max_length: int = 64,
+        text_pooling: str = "cls",
+        embed_dim: int = 1024,
+        init_temperature: float = 0.07,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_epochs: float = 1.0,
+        gather_negatives: bool = True,
+        mask_same_clip: bool = True,
+        init_from: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        audio = load_audio_encoder(audio_encoder, audio_checkpoint, **(audio_encoder_kwargs or {}))
+        text = TextEncoder(text_encoder, pretrained=text_pretrained, max_length=text_max_length, pooling=text_pooling)
+        self.model = BiEncoder(audio, text, embed_dim=embed_dim, init_temperature=init_temperature)
+        self.loss_fn = ContrastiveLoss(gather=gather_negatives)
+        self._eval_outputs: list[dict[str, torch.Tensor]] = []
+        if init_from is not None:
+            ckpt = self.load_handoff(init_from, expected_kinds=("contrastive",))
+            load_state_dict_strict(self.model, extract_submodule_state(ckpt["state_dict"], "model."), f"'{init_from}'")
+            log.info("initialised from %s", init_from)
+
+    @classmethod
+    def offline_build_overrides(cls, init_args: dict[str, Any]) -> dict[str, Any]:
+        return {**super().offline_build_overrides(init_args), "text_pretrained": False}
+
+    @property
+    def sample_rate(self) -> int:
+        return self.model.audio_encoder.sample_rate
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.model(batch["audio"], batch["captions"], batch["audio_lengths"])
+        clip_ids = batch["clip_ids"] if self.hparams.mask_same_clip else None
+        loss = self.loss_fn(out["audio_emb"], out["text_emb"], out["logit_scale"], clip_ids)
+        batch_size = len(batch["captions"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/temperature", 1.0 / out["logit_scale"].detach(), batch_size=batch_size)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at global step {self.global_step}")
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.model.clamp_logit_scale()
+
+    def configure_optimizers(self):
+        no_decay = set(self.model.no_weight_decay_parameter_names(prefix="model."))
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in params if n not in no_decay], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for n, p in params if n in no_decay], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.Adam(groups, lr=self.hparams.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup = int(round(self.hparams.warmup_epochs * total / epochs))
+        scheduler = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        audio_emb = self.model.encode_audio(batch["audio"], batch["audio_lengths"])  # (B, E)
+        captions = [c for refs in batch["references"] for c in refs]
+        caption_clip = torch.tensor(
+            [cid for cid, refs in zip(batch["clip_ids"].tolist(), batch["references"]) for _ in refs], device=self.device
+        )
+        text_emb = self.model.encode_text(captions)  # (sum of captions, E)
+        self._eval_outputs.append(
+            {"audio_emb": audio_emb.float(), "clip_ids": batch["clip_ids"].to(self.device), "text_emb": text_emb.float(), "caption_clip": caption_clip}
+        )
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_retrieval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_retrieval("test")
+
+    def gather_eval_embeddings(self) -> dict[str, torch.Tensor]:
+        """This epoch's evaluation embeddings from all ranks (each clip exactly once), then cleared."""
+        outputs, self._eval_outputs = self._eval_outputs, []
+        emb_dim = self.hparams.embed_dim
+        cat = {
+            key: torch.cat([o[key] for o in outputs]) if outputs else torch.zeros((0, emb_dim) if "emb" in key else (0,), device=self.device)
+            for key in ("audio_emb", "clip_ids", "text_emb", "caption_clip")
+        }
+        if is_distributed():
+            for key, count_key in (("audio_emb", "audio_emb"), ("clip_ids", "audio_emb"), ("text_emb", "text_emb"), ("caption_clip", "text_emb")):
+                sizes = all_gather_sizes(cat[count_key].shape[0], self.device)
+                cat[key] = all_gather_tensor(cat[key].contiguous(), sizes)
+        return cat
+
+    def _log_retrieval(self, prefix: str) -> None:
+        emb = self.gather_eval_embeddings()
+        if emb["audio_emb"].shape[0] == 0:
+            return
+        # Sort clips by id so the ranks' interleaved shards line up; the target of each caption is its clip's row.
+        order = torch.argsort(emb["clip_ids"])
+        audio_emb, clip_ids = emb["audio_emb"][order], emb["clip_ids"][order]
+        targets = torch.searchsorted(clip_ids, emb["caption_clip"])
+        sim_t2a = emb["text_emb"] @ audio_emb.T  # (captions, clips) cosine
+        metrics = {f"{prefix}/t2a/{k}": v for k, v in retrieval_metrics(sim_t2a, targets).items()}
+        metrics.update({f"{prefix}/a2t/{k}": v for k, v in audio_to_text_metrics(sim_t2a.T, targets).items()})
+        # Every rank holds the same global numbers: no further reduction.
+        self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Audio embeddings of a batch of clips (for search indexes)."""
+        return {"fnames": batch["fnames"], "audio_emb": self.model.encode_audio(batch["audio"], batch["audio_lengths"]).cpu()}
