@@ -95,6 +95,13 @@ def _summary(args: Sequence[str]) -> None:
     print(f"total={total} trainable={trainable}")
 
 
+def _demo(args: Sequence[str]) -> None:
+    from aac_lightning.demo import demo_command
+
+    demo_command(args)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], None]]] = {
     "summary": ("build a configured model offline and print its parameter counts", _summary),
+    "demo": ("run the demo stages on synthetic data (offline, CPU)", _demo),
 }

@@ -1,0 +1,142 @@
+"""The contrastive LightningModule: real CLI runs, weights-only handoff, checkpoint metadata, evaluation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+
+from aac_lightning.cli import main
+from aac_lightning.data import RetrievalDataModule
+from aac_lightning.demo import STAGES, stage_config
+from aac_lightning.metrics import audio_to_text_metrics, retrieval_metrics
+from aac_lightning.modules import ContrastiveRetrieval
+from aac_lightning.modules.base import HandoffError, read_checkpoint, warmup_cosine
+from aac_lightning.tools import build_model_offline, count_parameters, read_configs
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_AUDIO = dict(sample_rate=16000, window_size=512, hop_size=160, mel_bins=32, fmax=8000, channels=[4, 8, 8, 8, 8, 8], embed_dim=16)
+
+
+def tiny_module(**kwargs) -> ContrastiveRetrieval:
+    args = dict(audio_encoder="cnn14", audio_encoder_kwargs=TINY_AUDIO, text_encoder="minilm-l6", text_max_length=16, embed_dim=8, lr=1e-3)
+    args.update(kwargs)
+    return ContrastiveRetrieval(**args)
+
+
+def fit_tiny(root: Path, out: Path, **kwargs) -> Path:
+    pl.seed_everything(0)
+    module = tiny_module(**kwargs)
+    dm = RetrievalDataModule(clotho_root=str(root), batch_size=4, eval_batch_size=4)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    path = out / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(synth_root: Path, tmp_path_factory) -> Path:
+    return fit_tiny(synth_root, tmp_path_factory.mktemp("ckpt"))
+
+
+def test_checkpoint_carries_version_kind_and_rebuilds_alone(tiny_ckpt: Path, tmp_path: Path):
+    ckpt = read_checkpoint(tiny_ckpt)
+    assert ckpt["aac_lightning"]["kind"] == "contrastive" and ckpt["aac_lightning"]["version"]
+    module = ContrastiveRetrieval.load_for_inference(tiny_ckpt)
+    assert not module.training
+    for key, value in ckpt["state_dict"].items():
+        assert torch.equal(module.state_dict()[key], value), key
+
+
+def test_finetuning_starts_from_pretraining_weights_only(tiny_ckpt: Path):
+    module = tiny_module(init_from=str(tiny_ckpt), lr=2e-5)
+    source = read_checkpoint(tiny_ckpt)["state_dict"]
+    for key, value in module.model.state_dict().items():
+        assert torch.equal(value, source["model." + key]), key
+    assert module.hparams.lr == 2e-5  # optimiser settings come from this stage, not the checkpoint
+
+
+def test_handoff_errors_name_the_problem(tiny_ckpt: Path, tmp_path: Path):
+    with pytest.raises(HandoffError, match=r"missing keys: .*|shape mismatches: .*"):
+        tiny_module(init_from=str(tiny_ckpt), embed_dim=12)
+    wrong_kind = read_checkpoint(tiny_ckpt)
+    wrong_kind["aac_lightning"]["kind"] = "xe"
+    torch.save(wrong_kind, tmp_path / "xe.ckpt")
+    with pytest.raises(HandoffError, match=r"stage kind 'xe', but ContrastiveRetrieval needs one of \['contrastive'\]"):
+        tiny_module(init_from=str(tmp_path / "xe.ckpt"))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        tiny_module(init_from=str(tmp_path / "absent.ckpt"))
+
+
+def test_validation_metrics_equal_offline_computation(tiny_ckpt: Path, synth_root: Path):
+    module = ContrastiveRetrieval.load_for_inference(tiny_ckpt)
+    dm = RetrievalDataModule(clotho_root=str(synth_root), batch_size=4, eval_batch_size=2)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    logged = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    clips = dm.clips("val")
+    with torch.no_grad():
+        audio = [clips[i]["audio"][0] for i in range(len(clips))]
+        audio_emb = torch.cat([module.model.encode_audio(a[None], torch.tensor([a.numel()])) for a in audio])
+        captions = [c for caps in clips.captions for c in caps]
+        text_emb = module.model.encode_text(captions)
+    targets = torch.tensor([i for i, caps in enumerate(clips.captions) for _ in caps])
+    sim = text_emb @ audio_emb.T
+    expected = retrieval_metrics(sim, targets)
+    for name, value in expected.items():
+        assert logged[f"val/t2a/{name}"] == pytest.approx(value, abs=1e-6)
+    for name, value in audio_to_text_metrics(sim.T, targets).items():
+        assert logged[f"val/a2t/{name}"] == pytest.approx(value, abs=1e-6)
+
+
+def test_warmup_cosine_schedule_values():
+    assert warmup_cosine(0, 4, 12) == pytest.approx(0.25)
+    assert warmup_cosine(3, 4, 12) == pytest.approx(1.0)
+    assert warmup_cosine(4, 4, 12) == pytest.approx(1.0)
+    assert warmup_cosine(8, 4, 12) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert warmup_cosine(12, 4, 12) == pytest.approx(0.0)
+
+
+def test_temperature_has_no_weight_decay_and_is_clamped(synth_root: Path):
+    module = tiny_module(weight_decay=0.1)
+    with torch.no_grad():
+        module.model.log_logit_scale.fill_(math.log(500.0))
+    dm = RetrievalDataModule(clotho_root=str(synth_root), batch_size=4)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    groups = trainer.optimizers[0].param_groups
+    scale_groups = [g for g in groups if any(p is module.model.log_logit_scale for p in g["params"])]
+    assert len(scale_groups) == 1 and scale_groups[0]["weight_decay"] == 0.0 and len(scale_groups[0]["params"]) == 1
+    assert all(g["weight_decay"] == 0.1 for g in groups if g is not scale_groups[0])
+    # clamped after the optimiser step: the logit scale is back at its bound of 100
+    assert module.model.log_logit_scale.item() == pytest.approx(math.log(100.0), rel=1e-6)
+
+
+def test_cli_fit_runs_the_demo_configs(tmp_path: Path, synth_root: Path):
+    """Every demo config goes through the real CLI (fast_dev_run), paths moved under a work dir."""
+    for stage in STAGES:
+        config = stage_config(stage, tmp_path)
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+        assert data["data"]["init_args"]["clotho_root"] == f"{tmp_path}/data"
+    args = ["--trainer.fast_dev_run=1", f"--data.init_args.clotho_root={synth_root}", "--data.init_args.batch_size=4",
+            f"--model.init_args.audio_encoder_kwargs={TINY_AUDIO}".replace("'", '"')]
+    main(["fit", "--config", str(tmp_path / "configs" / "contrastive_pretrain.yaml"), *args])
+    # the fine-tuning config needs its init_from: hand it a checkpoint of the same architecture
+    ckpt = fit_tiny(synth_root, tmp_path, embed_dim=256, audio_encoder_kwargs=TINY_AUDIO, text_max_length=32, text_pooling="mean")
+    main(["fit", "--config", str(tmp_path / "configs" / "contrastive_finetune.yaml"), *args, f"--model.init_args.init_from={ckpt}"])
+
+
+@pytest.mark.parametrize(
+    "name,table2",
+    [("wlcnn14_bert_base", 192e6), ("cnn14_bert_medium", 124e6), ("cnn14_bert_base", 192e6), ("cnn14_roberta_base", 207e6), ("ast_bert_base", 196e6)],
+)
+def test_paper_configs_match_table_2(name: str, table2: float):
+    config = read_configs([str(REPO / "conf" / "retrieval" / f"{name}.yaml"), str(REPO / "conf" / "retrieval" / "finetune_clotho.yaml")])
+    model = build_model_offline(config)  # no weight file, no download: handoff paths are cleared
+    total, trainable = count_parameters(model)
+    assert abs(total - table2) / table2 < 0.02, (name, total)
+    assert model.hparams.lr == 2e-5 and model.hparams.init_from is None
