@@ -117,6 +117,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 "grads": {name: p.grad.detach().clone() for name, p in model.module.named_parameters()},
             }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        # Both ranks finish their collectives before either tears the group down (gloo aborts otherwise).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -205,6 +205,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         metric = RetrievalRanks()
         metric.update(sim[rows], targets[rows])
         torch.save({k: float(v) for k, v in metric.compute().items()}, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # both ranks done before the group is torn down (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
 
