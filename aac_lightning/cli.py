@@ -70,9 +70,9 @@ def _register_optional_subcommands() -> None:
 def _print_help() -> None:
     lines = ["usage: aac-lightning <subcommand> [options]", "", "subcommands:"]
     for name, text in TRAINER_SUBCOMMANDS.items():
-        lines.append(f"  {name:<10} {text}")
+        lines.append(f"  {name:<15} {text}")
     for name, (text, _) in EXTRA_SUBCOMMANDS.items():
-        lines.append(f"  {name:<10} {text}")
+        lines.append(f"  {name:<15} {text}")
     lines += ["", "Run 'aac-lightning <subcommand> --help' for the options of one subcommand."]
     print("\n".join(lines))
 

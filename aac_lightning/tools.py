@@ -101,7 +101,14 @@ def _demo(args: Sequence[str]) -> None:
     demo_command(args)
 
 
+def _retrieval_eval(args: Sequence[str]) -> None:
+    from aac_lightning.retrieval_ensemble import retrieval_eval_command
+
+    retrieval_eval_command(args)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], None]]] = {
     "summary": ("build a configured model offline and print its parameter counts", _summary),
     "demo": ("run the demo stages on synthetic data (offline, CPU)", _demo),
+    "retrieval-eval": ("evaluate retrieval checkpoints or an ensemble; DCASE 6b submission CSV", _retrieval_eval),
 }

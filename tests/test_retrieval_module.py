@@ -32,7 +32,7 @@ def fit_tiny(root: Path, out: Path, **kwargs) -> Path:
     pl.seed_everything(0)
     module = tiny_module(**kwargs)
     dm = RetrievalDataModule(clotho_root=str(root), batch_size=4, eval_batch_size=4)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=out)
     trainer.fit(module, datamodule=dm)
     path = out / "tiny.ckpt"
     trainer.save_checkpoint(path)
@@ -101,13 +101,14 @@ def test_warmup_cosine_schedule_values():
     assert warmup_cosine(12, 4, 12) == pytest.approx(0.0)
 
 
-def test_temperature_has_no_weight_decay_and_is_clamped(synth_root: Path):
+def test_temperature_has_no_weight_decay_and_is_clamped(synth_root: Path, tmp_path: Path):
     module = tiny_module(weight_decay=0.1)
     with torch.no_grad():
         module.model.log_logit_scale.fill_(math.log(500.0))
     dm = RetrievalDataModule(clotho_root=str(synth_root), batch_size=4)
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=dm)
+    assert module.model.text_encoder.model.training  # pretrained HF models load in eval mode; training must switch them
     groups = trainer.optimizers[0].param_groups
     scale_groups = [g for g in groups if any(p is module.model.log_logit_scale for p in g["params"])]
     assert len(scale_groups) == 1 and scale_groups[0]["weight_decay"] == 0.0 and len(scale_groups[0]["params"]) == 1

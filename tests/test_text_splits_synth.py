@@ -126,7 +126,7 @@ def test_synth_cli_and_help(tmp_path: Path):
     env = {**os.environ}
     out = subprocess.run([sys.executable, "-m", "aac_lightning", "--help"], capture_output=True, text=True, cwd=REPO, env=env, check=True)
     for sub in ("fit", "validate", "test", "predict", "synth"):
-        assert f"  {sub} " in out.stdout
+        assert f"  {sub} " in out.stdout, sub
     subprocess.run(
         [sys.executable, "-m", "aac_lightning", "synth", str(tmp_path / "s"), "--clips", "5", "--seed", "4", "--sample-rate", "8000"],
         check=True, cwd=REPO, capture_output=True, env=env,

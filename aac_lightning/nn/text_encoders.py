@@ -144,6 +144,9 @@ class TextEncoder(nn.Module):
         self.embed_dim = int(config.hidden_size)
         self.tokenizer_name = resolve_text_model(tokenizer) if tokenizer is not None else resolved
         self._tokenizer = None
+        # `from_pretrained` returns the model in eval mode; like every other submodule it starts in
+        # training mode, so dropout is active when the stage trains (Lightning keeps submodule modes).
+        self.model.train()
         pooler = getattr(self.model, "pooler", None)
         if isinstance(pooler, nn.Module):
             pooler.requires_grad_(False)  # kept for checkpoints and counts, unused (see module doc)
