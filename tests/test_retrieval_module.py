@@ -141,3 +141,14 @@ def test_paper_configs_match_table_2(name: str, table2: float):
     total, trainable = count_parameters(model)
     assert abs(total - table2) / table2 < 0.02, (name, total)
     assert model.hparams.lr == 2e-5 and model.hparams.init_from is None
+
+
+def test_cli_resolves_short_class_names(capsys, synth_root: Path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model", "ContrastiveRetrieval", "--model.text_encoder", "minilm-l6",
+              "--data", "RetrievalDataModule", "--data.clotho_root", str(synth_root), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "aac_lightning.modules.ContrastiveRetrieval"
+    assert printed["data"]["class_path"] == "aac_lightning.data.RetrievalDataModule"
+    assert printed["data"]["init_args"]["clotho_root"] == str(synth_root)
