@@ -1,7 +1,8 @@
 """`aac-lightning demo`: the contrastive stages end to end on the synthetic dataset, offline, on a CPU.
 
 Stages: synthetic data (if absent) -> contrastive pre-training -> fine-tuning from the pre-training
-checkpoint (weights only) -> test of the best fine-tuned checkpoint on the held-out evaluation subset.
+checkpoint (weights only) -> XE captioning on the frozen audio encoder of the fine-tuned checkpoint;
+each stage's best checkpoint is tested on the held-out evaluation subset.
 The stage configs are `conf/demo/*.yaml`, whose paths under `demo_workdir/` are moved to `--workdir`.
 """
 
@@ -20,7 +21,7 @@ import yaml
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "demo"
-STAGES = ("contrastive_pretrain", "contrastive_finetune")
+STAGES = {"contrastive_pretrain": "contrastive", "contrastive_finetune": "contrastive", "xe": "xe"}
 PLACEHOLDER = "demo_workdir"
 
 
@@ -45,8 +46,8 @@ def stage_config(stage: str, workdir: Path, conf_dir: Path = CONF_DIR) -> Path:
     return out
 
 
-def run_stage(config: Path, extra_args: Sequence[str] = ()) -> dict[str, float]:
-    """Fit one stage through LightningCLI, then test its best checkpoint; returns the test metrics."""
+def run_stage(config: Path, extra_args: Sequence[str] = ()) -> tuple[dict[str, float], Any]:
+    """Fit one stage through LightningCLI, then test its best checkpoint; returns the test metrics and the module."""
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
 
@@ -64,7 +65,7 @@ def run_stage(config: Path, extra_args: Sequence[str] = ()) -> dict[str, float]:
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")
-    return {k: float(v) for k, v in (results[0] if results else {}).items()}
+    return {k: float(v) for k, v in (results[0] if results else {}).items()}, cli.model
 
 
 def demo_command(args: Sequence[str]) -> None:
@@ -89,15 +90,19 @@ def demo_command(args: Sequence[str]) -> None:
     extra = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2"] if ns.fast else []
     started = time.time()
     results: dict[str, Any] = {"stages": {}}
-    for stage in STAGES:
+    samples: list = []
+    for stage, kind in STAGES.items():
         config = stage_config(stage, workdir)
         print(f"\n=== stage {stage} ({config})")
-        metrics = run_stage(config, extra)
+        metrics, module = run_stage(config, extra)
         ckpt_dir = workdir / "runs" / stage / "checkpoints"
-        results["stages"][stage] = {"kind": "contrastive", "checkpoint": str(ckpt_dir / "last.ckpt"), "metrics": metrics}
+        results["stages"][stage] = {"kind": kind, "checkpoint": str(ckpt_dir / "last.ckpt"), "metrics": metrics}
+        samples = getattr(module, "test_captions", None) or samples
     results["seconds"] = round(time.time() - started, 1)
     (workdir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     print("\n" + format_results(results))
+    for fname, caption, references in list(samples)[:5]:
+        print(f"\n{fname}\n  predicted: {caption}\n  reference: {references[0]}")
     print(f"results written to {workdir / 'results.json'}")
 
 

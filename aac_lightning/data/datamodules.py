@@ -374,6 +374,9 @@ class CaptioningDataModule(AudioCaptionDataModule):
         self.train_max_seconds = train_max_seconds
         self.eval_max_seconds = eval_max_seconds
         self._vocabulary: Vocabulary | None = None
+        # Set to False by a captioner whose features are all cached: batches then carry no audio
+        # (`audio` is `(B, 0)`), so no file is decoded during training.
+        self.load_audio = True
 
     @property
     def vocabulary(self) -> Vocabulary:
@@ -387,7 +390,7 @@ class CaptioningDataModule(AudioCaptionDataModule):
         return self._vocabulary
 
     def collate_train(self, items: list[dict | None]) -> dict[str, Any]:
-        """`collate_pairs` plus `tokens (B, L)`: `<bos> words <eos>` right-padded with `<pad>`."""
+        """`collate_pairs` plus `tokens (B, L)`: `<bos> words <eos>` right-padded with `<pad>`, and clip `keys`."""
         batch = collate_pairs(items)
         vocab = self.vocabulary
         ids = []
@@ -397,19 +400,66 @@ class CaptioningDataModule(AudioCaptionDataModule):
                 seq = seq[: self.max_caption_words + 1] + [vocab.eos_id]
             ids.append(seq)
         batch["tokens"] = pad_token_ids(ids, vocab.pad_id)
+        batch["keys"] = self._keys("train", batch["clip_ids"])
         return batch
 
+    def collate_val(self, items: list[dict | None]) -> dict[str, Any]:
+        """`collate_clips` plus the clip `keys` (names in the feature cache)."""
+        batch = collate_clips(items)
+        batch["keys"] = self._keys("val", batch["clip_ids"])
+        return batch
+
+    def collate_test(self, items: list[dict | None]) -> dict[str, Any]:
+        """`collate_clips` plus the clip `keys` (names in the feature cache)."""
+        batch = collate_clips(items)
+        batch["keys"] = self._keys("test", batch["clip_ids"])
+        return batch
+
+    def _keys(self, split: Split, clip_ids: torch.Tensor) -> list[str]:
+        records = self.clips(split).records
+        return [records[i].key for i in clip_ids.tolist()]
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(CaptionPairs(self.clips("train"), self.train_max_seconds), self.collate_train, train=True)
+        clips = self.clips("train")
+        dataset = CaptionPairs(clips, self.train_max_seconds) if self.load_audio else TextOnlyPairs(clips)
+        return self._loader(dataset, self.collate_train, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(ClipItems(self.clips("val"), self.eval_max_seconds), collate_clips, train=False)
+        clips = self.clips("val")
+        dataset = ClipItems(clips, self.eval_max_seconds) if self.load_audio else TextOnlyClips(clips)
+        return self._loader(dataset, self.collate_val, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(ClipItems(self.clips("test"), self.eval_max_seconds), collate_clips, train=False)
+        clips = self.clips("test")
+        dataset = ClipItems(clips, self.eval_max_seconds) if self.load_audio else TextOnlyClips(clips)
+        return self._loader(dataset, self.collate_test, train=False)
 
     def save_vocabulary(self, path: str | os.PathLike) -> Path:
         """Write the vocabulary as JSON (for `vocabulary_path`)."""
         path = Path(path)
         self.vocabulary.save(path)
         return path
+
+
+class TextOnlyPairs(CaptionPairs):
+    """`CaptionPairs` without reading audio (`audio` is empty): for captioners on cached features."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        clip_index, caption_index = self.pairs[index]
+        record = self.clips.records[clip_index]
+        return {
+            "audio": torch.zeros(0),
+            "caption": record.captions[caption_index],
+            "caption_index": caption_index,
+            "clip_id": clip_index,
+            "fname": record.fname,
+            "captions": list(record.captions),
+        }
+
+
+class TextOnlyClips(ClipItems):
+    """`ClipItems` without reading audio (`audio` is empty): for captioners on cached features."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.clips.records[index]
+        return {"audio": torch.zeros(0), "captions": list(record.captions), "clip_id": index, "fname": record.fname}

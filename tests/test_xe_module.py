@@ -1,0 +1,206 @@
+"""The XE captioning stage: frozen extractor, feature cache in training, CLI run, checkpoints that rebuild alone, Table 1 counts."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+
+from aac_lightning.cli import main
+from aac_lightning.data import CaptioningDataModule
+from aac_lightning.data.datamodules import collate_clips
+from aac_lightning.modules.base import HandoffError, read_checkpoint, warmup_exponential
+from aac_lightning.modules.captioning import CaptioningXE
+from aac_lightning.tools import build_model_offline, count_parameters, read_configs
+from tests.test_retrieval_module import TINY_AUDIO, fit_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CAPTIONER = dict(
+    input_dim=8,
+    decoder_kwargs=dict(d_model=16, num_layers=1, nhead=2, dim_feedforward=32),
+    encoder_kwargs=dict(encoder_hidden_size=8, encoder_num_layers=1),
+    warmup_steps=2,
+    max_decode_length=8,
+)
+
+
+@pytest.fixture(scope="module")
+def retrieval_ckpt(synth_root: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("retrieval")
+    with contextlib.chdir(out):  # its trainer writes the re-split lists to the working directory
+        return fit_tiny(synth_root, out)
+
+
+def fit_xe(ckpt: Path, root: Path, max_epochs: int = 1, **kwargs) -> tuple[CaptioningXE, pl.Trainer]:
+    """A short XE run; its outputs (the re-split lists) go to a folder next to the checkpoint."""
+    pl.seed_everything(0)
+    module = CaptioningXE(extractor_ckpt=str(ckpt), **{**TINY_CAPTIONER, **kwargs})
+    dm = CaptioningDataModule(clotho_root=str(root), batch_size=8, eval_batch_size=8)
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        limit_train_batches=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(ckpt.parent / "xe_run"),
+    )
+    trainer.fit(module, datamodule=dm)
+    return module, trainer
+
+
+@pytest.fixture(scope="module")
+def online_run(retrieval_ckpt: Path, synth_root: Path) -> tuple[CaptioningXE, pl.Trainer]:
+    """One epoch with the extractor run online in every step (no cache)."""
+    return fit_xe(retrieval_ckpt, synth_root, feature_cache_dir=None)
+
+
+@pytest.fixture(scope="module")
+def cached_run(retrieval_ckpt: Path, synth_root: Path, tmp_path_factory) -> tuple[CaptioningXE, pl.Trainer]:
+    """Two epochs on cached features."""
+    cache_dir = tmp_path_factory.mktemp("xe") / "cache"
+    return fit_xe(retrieval_ckpt, synth_root, max_epochs=2, feature_cache_dir=str(cache_dir), lr=1e-3, final_lr=1e-5)
+
+
+def test_extractor_is_frozen_bit_identical_and_in_eval_mode(retrieval_ckpt: Path, online_run):
+    source = read_checkpoint(retrieval_ckpt)["state_dict"]
+    module, trainer = online_run  # online extraction: the extractor ran in every training step
+    assert trainer.global_step > 0
+    for key, value in module.extractor.encoder.state_dict().items():  # BatchNorm running stats included
+        assert torch.equal(value, source["model.audio_encoder." + key]), key
+    assert not any(p.requires_grad for p in module.extractor.parameters())
+    module.train()
+    assert module.model.training and not any(m.training for m in module.extractor.modules())
+    assert "val/cider_d" in trainer.callback_metrics
+
+
+def test_cached_training_reads_the_cache_and_matches_online_features(cached_run):
+    module, trainer = cached_run
+    cache = module.feature_cache
+    assert cache is not None and cache.is_complete()
+    dm = trainer.datamodule
+    assert dm.load_audio is False  # no audio decoded once every feature is cached
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["audio"].shape == (len(batch["keys"]), 0)
+    records = dm.clips("train").records
+    assert batch["keys"] == [records[i].key for i in batch["clip_ids"].tolist()]
+    assert all(caption in records[i].captions for caption, i in zip(batch["captions"], batch["clip_ids"].tolist()))
+    # the cache holds what the frozen extractor computes online, clip by clip
+    clips = dm.clips("val")
+    items = [{"audio": clips.load_audio(i)[0], "captions": clips.captions[i], "clip_id": i, "fname": clips.fnames[i]} for i in range(len(clips))]
+    for item in items:
+        batch = collate_clips([item])
+        batch["keys"] = [clips.records[item["clip_id"]].key]
+        cached, cached_lengths = module.features(batch)
+        module.feature_cache = None
+        online, online_lengths = module.features(batch)
+        module.feature_cache = cache
+        assert torch.equal(cached_lengths, online_lengths)
+        assert torch.equal(cached, online)
+
+
+def test_retrained_extractor_gets_a_new_cache(retrieval_ckpt: Path, synth_root: Path, tmp_path: Path, cached_run):
+    first = cached_run[0]
+    ckpt = read_checkpoint(retrieval_ckpt)
+    key = next(k for k in ckpt["state_dict"] if k.startswith("model.audio_encoder.") and k.endswith("weight"))
+    ckpt["state_dict"][key] = ckpt["state_dict"][key] + 1e-3
+    torch.save(ckpt, tmp_path / "retrained.ckpt")
+    second, _ = fit_xe(tmp_path / "retrained.ckpt", synth_root, feature_cache_dir=str(first.feature_cache.cache_dir))
+    assert second.feature_cache.path != first.feature_cache.path
+    assert second.feature_cache.path.parent == first.feature_cache.path.parent
+    assert first.feature_cache.path.exists() and second.feature_cache.is_complete()
+
+
+def test_schedules_follow_the_paper_settings(cached_run):
+    module, trainer = cached_run
+    total = int(trainer.estimated_stepping_batches)
+    # teacher forcing reached its end value at the last step
+    assert trainer.global_step == total
+    assert module.teacher_forcing_ratio() == pytest.approx(0.7)
+    # learning rate: linear warm-up over 2 steps then exponential decay, 1e-5 at the end
+    assert warmup_exponential(0, 2, total, 1e-3, 1e-5) == pytest.approx(0.5)
+    assert warmup_exponential(total, 2, total, 1e-3, 1e-5) * 1e-3 == pytest.approx(1e-5)
+    mid = warmup_exponential(2 + (total - 2) // 2, 2, total, 1e-3, 1e-5)
+    assert mid == pytest.approx(math.pow(1e-2, ((total - 2) // 2) / (total - 2)))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
+def test_checkpoint_rebuilds_alone_with_its_vocabulary(retrieval_ckpt: Path, online_run, tmp_path: Path):
+    module, trainer = online_run
+    path = tmp_path / "xe.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = read_checkpoint(path)
+    assert ckpt["aac_lightning"]["kind"] == "xe"
+    assert ckpt["aac_lightning"]["handoff"]["extractor_ckpt"] == str(retrieval_ckpt)
+    assert ckpt["hyper_parameters"]["vocabulary"] == trainer.datamodule.vocabulary.words
+    retrieval_ckpt_copy = tmp_path / "moved.ckpt"
+    retrieval_ckpt.rename(retrieval_ckpt_copy)  # the handoff file is gone: the XE checkpoint suffices
+    try:
+        loaded = CaptioningXE.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
+    finally:
+        retrieval_ckpt_copy.rename(retrieval_ckpt)
+    assert loaded.vocab == trainer.datamodule.vocabulary
+    for key, value in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    clips = trainer.datamodule.clips("val")
+    batch = collate_clips([{"audio": clips.load_audio(i)[0], "captions": clips.captions[i], "clip_id": i, "fname": clips.fnames[i]} for i in range(2)])
+    module.eval()
+    assert loaded.decode(*loaded.features(batch)) == module.decode(*module.features(batch))
+    # the next stage starts from it with init_from alone: captioner, frozen extractor and vocabulary
+    following = CaptioningXE(init_from=str(path), **TINY_CAPTIONER)
+    assert following.vocab == loaded.vocab
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(following.state_dict()[key], value), key
+    assert not any(p.requires_grad for p in following.extractor.parameters())
+
+
+def test_handoff_errors_name_the_problem(retrieval_ckpt: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match="input_dim=2048 but the extractor's frames have 8 channels"):
+        CaptioningXE(extractor_ckpt=str(retrieval_ckpt), vocab_size=10)
+    wrong = read_checkpoint(retrieval_ckpt)
+    wrong["aac_lightning"]["kind"] = "xe"
+    torch.save(wrong, tmp_path / "wrong.ckpt")
+    with pytest.raises(HandoffError, match=r"stage kind 'xe', but CaptioningXE needs one of \['contrastive'\]"):
+        CaptioningXE(extractor_ckpt=str(tmp_path / "wrong.ckpt"), input_dim=8, vocab_size=10)
+    broken = read_checkpoint(retrieval_ckpt)
+    del broken["state_dict"][next(k for k in broken["state_dict"] if k.startswith("model.audio_encoder."))]
+    broken["state_dict"]["model.audio_encoder.extra.weight"] = torch.zeros(1)
+    torch.save(broken, tmp_path / "broken.ckpt")
+    with pytest.raises(HandoffError, match=r"missing keys: .*; unexpected keys: extra.weight"):
+        CaptioningXE(extractor_ckpt=str(tmp_path / "broken.ckpt"), input_dim=8, vocab_size=10)
+
+
+def test_cli_fit_runs_the_demo_config(retrieval_ckpt: Path, synth_root: Path, tmp_path: Path):
+    config = yaml.safe_load((REPO / "conf" / "demo" / "xe.yaml").read_text(encoding="utf-8"))
+    assert config["model"]["init_args"]["extractor_ckpt"].startswith("demo_workdir/")
+    args = [
+        "--trainer.fast_dev_run=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.callbacks.init_args.dirpath={tmp_path}/checkpoints",
+        f"--data.init_args.clotho_root={synth_root}",
+        "--data.init_args.batch_size=4",
+        f"--model.init_args.extractor_ckpt={retrieval_ckpt}",
+        f"--model.init_args.feature_cache_dir={tmp_path}/cache",
+        "--model.init_args.input_dim=8",
+    ]
+    main(["fit", "--config", str(REPO / "conf" / "demo" / "xe.yaml"), *args])
+    assert list((tmp_path / "cache").glob("features-*.h5"))
+
+
+@pytest.mark.parametrize("name,table1", [("transformer2", 10.4e6), ("transformer4", 12.5e6), ("gru_attention", 14.6e6)])
+def test_paper_configs_match_table_1(name: str, table1: float):
+    config = read_configs([str(REPO / "conf" / "captioning" / f"{name}.yaml")])
+    assert config["trainer"]["max_epochs"] == 25 and config["data"]["init_args"]["batch_size"] == 64
+    init = config["model"]["init_args"]
+    assert (init["lr"], init["warmup_steps"], init["final_lr"], init["label_smoothing"], init["beam_size"]) == (5e-4, 3000, 5e-7, 0.1, 3)
+    assert (init["teacher_forcing_start"], init["teacher_forcing_end"]) == (1.0, 0.7)
+    model = build_model_offline(config, vocab_size=4368)  # the extractor checkpoint is cleared
+    _, trainable = count_parameters(model)
+    assert abs(trainable - table1) / table1 < 0.015, trainable
