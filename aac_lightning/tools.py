@@ -107,8 +107,15 @@ def _retrieval_eval(args: Sequence[str]) -> None:
     retrieval_eval_command(args)
 
 
+def _caption_eval(args: Sequence[str]) -> None:
+    from aac_lightning.captioning_ensemble import caption_eval_command
+
+    caption_eval_command(args)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], None]]] = {
     "summary": ("build a configured model offline and print its parameter counts", _summary),
     "demo": ("run the demo stages on synthetic data (offline, CPU)", _demo),
+    "caption-eval": ("caption a Clotho subset with a captioner or an ensemble and score it", _caption_eval),
     "retrieval-eval": ("evaluate retrieval checkpoints or an ensemble; DCASE 6b submission CSV", _retrieval_eval),
 }
