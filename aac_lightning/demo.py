@@ -1,8 +1,8 @@
 """`aac-lightning demo`: the contrastive stages end to end on the synthetic dataset, offline, on a CPU.
 
 Stages: synthetic data (if absent) -> contrastive pre-training -> fine-tuning from the pre-training
-checkpoint (weights only) -> XE captioning on the frozen audio encoder of the fine-tuned checkpoint;
-each stage's best checkpoint is tested on the held-out evaluation subset.
+checkpoint (weights only) -> XE captioning on the frozen audio encoder of the fine-tuned checkpoint ->
+SCST from the XE checkpoint; each stage's best checkpoint is tested on the held-out evaluation subset.
 The stage configs are `conf/demo/*.yaml`, whose paths under `demo_workdir/` are moved to `--workdir`.
 """
 
@@ -21,7 +21,7 @@ import yaml
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "demo"
-STAGES = {"contrastive_pretrain": "contrastive", "contrastive_finetune": "contrastive", "xe": "xe"}
+STAGES = {"contrastive_pretrain": "contrastive", "contrastive_finetune": "contrastive", "xe": "xe", "scst": "scst"}
 PLACEHOLDER = "demo_workdir"
 
 

@@ -2,5 +2,6 @@
 
 from aac_lightning.modules.captioning import CaptioningXE
 from aac_lightning.modules.retrieval import ContrastiveRetrieval
+from aac_lightning.modules.scst import CaptioningSCST
 
-__all__ = ["CaptioningXE", "ContrastiveRetrieval"]
+__all__ = ["CaptioningSCST", "CaptioningXE", "ContrastiveRetrieval"]

@@ -1,0 +1,248 @@
+"""Self-critical sequence training (SCST) stage of the captioner: reinforcement with CIDEr-D rewards.
+
+Starts from an XE (or SCST) checkpoint through `init_from`, which brings the captioner weights, the
+frozen extractor and the vocabulary; the decoder architecture is read from that checkpoint too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from aac_lightning.data.text import normalize_caption
+from aac_lightning.metrics.cider import CiderDocumentFrequency, cider_d
+from aac_lightning.modules.base import read_checkpoint
+from aac_lightning.modules.captioning import CaptioningXE
+from aac_lightning.nn.decoding import greedy_decode, sample_decode
+
+BASELINES = ("greedy", "mean")
+CIDER_DF_MODES = ("corpus", "batch")
+# Captioner architecture arguments: `None` in the SCST config means "as in the `init_from` checkpoint".
+ARCHITECTURE_ARGUMENTS = ("input_dim", "decoder", "decoder_kwargs", "encoder_kwargs")
+XE_ARCHITECTURE_DEFAULTS = {"input_dim": 2048, "decoder": "transformer", "decoder_kwargs": None, "encoder_kwargs": None}
+
+
+def scst_loss(log_probs: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """Policy-gradient loss `mean_i( -advantage_i * sum_t log p(w_it) )` over the sampled captions.
+
+    Args:
+        log_probs: `(N, L)` log-probability of each sampled word (N = clips x samples).
+        mask: `(N, L)` True up to and including each caption's end token.
+        advantages: `(N,)` reward minus baseline of each caption (no gradient).
+
+    Every clip has the same number of samples, so the mean over all N captions is also the mean over
+    clips of the per-clip mean over its samples.
+    """
+    if log_probs.shape != mask.shape or log_probs.shape[0] != advantages.shape[0]:
+        raise ValueError(f"shapes differ: log_probs {tuple(log_probs.shape)}, mask {tuple(mask.shape)}, advantages {tuple(advantages.shape)}")
+    caption_log_probs = (log_probs * mask.to(log_probs.dtype)).sum(dim=1)  # (N,)
+    return -(advantages.detach().to(log_probs.dtype) * caption_log_probs).mean()
+
+
+def leave_one_out_mean(rewards: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Baseline of each sample: the mean reward of the other samples of its clip. `rewards` is `(B * K,)`."""
+    if num_samples < 2:
+        raise ValueError(f"the mean-of-samples baseline needs num_samples >= 2, got {num_samples}")
+    per_clip = rewards.view(-1, num_samples)  # (B, K)
+    others = (per_clip.sum(dim=1, keepdim=True) - per_clip) / (num_samples - 1)  # (B, K)
+    return others.reshape(-1)
+
+
+class CaptioningSCST(CaptioningXE):
+    """SCST fine-tuning of an XE captioner (report Section 2.2): reward = CIDEr-D of sampled captions.
+
+    For each distinct clip of a batch, `num_samples` captions are sampled (gradients flow through their
+    log-probabilities); the baseline is the CIDEr-D of the greedy caption decoded without gradients in
+    eval mode (`baseline="greedy"`, the self-critical baseline) or the mean reward of the clip's other
+    samples (`baseline="mean"`). Rewards are CIDEr-D against all normalised references of the clip, with
+    document frequencies fixed once from the training references (`cider_df="corpus"`) or computed
+    from the clips of each batch (`cider_df="batch"`). Validation (beam search, `val/cider_d`) is
+    inherited. The learning rate is constant (Adam).
+
+    Args:
+        init_from: `xe` or `scst` checkpoint to start from (weights only); required to start a fit.
+        input_dim, decoder, decoder_kwargs, encoder_kwargs: captioner architecture; `None` reads it from
+            `init_from` (given values must match it).
+        lr: constant learning rate of Adam (5e-5 in the paper).
+        num_samples: captions sampled per clip.
+        baseline: `greedy` or `mean`.
+        cider_df: `corpus` or `batch`.
+        sample_temperature: temperature of the sampling distribution.
+        Other arguments as in `CaptioningXE`; label smoothing, teacher forcing and the warm-up/decay
+        schedule are accepted (so an XE config can be reused) but unused.
+    """
+
+    kind = "scst"
+
+    def __init__(
+        self,
+        init_from: str | None = None,
+        extractor_ckpt: str | None = None,
+        extractor: dict[str, Any] | None = None,
+        input_dim: int | None = None,
+        decoder: str | None = None,
+        decoder_kwargs: dict[str, Any] | None = None,
+        encoder_kwargs: dict[str, Any] | None = None,
+        vocab_size: int | None = None,
+        vocabulary: list[str] | None = None,
+        feature_cache_dir: str | None = None,
+        label_smoothing: float = 0.1,
+        lr: float = 5e-5,
+        warmup_steps: int = 0,
+        final_lr: float = 5e-7,
+        teacher_forcing_start: float = 1.0,
+        teacher_forcing_end: float = 0.7,
+        beam_size: int = 3,
+        max_decode_length: int = 30,
+        num_samples: int = 5,
+        baseline: str = "greedy",
+        cider_df: str = "corpus",
+        sample_temperature: float = 1.0,
+    ):
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {list(BASELINES)}, got {baseline!r}")
+        if baseline == "mean" and num_samples < 2:
+            raise ValueError(f"baseline='mean' needs num_samples >= 2, got {num_samples}")
+        if cider_df not in CIDER_DF_MODES:
+            raise ValueError(f"cider_df must be one of {list(CIDER_DF_MODES)}, got {cider_df!r}")
+        if not sample_temperature > 0.0:
+            raise ValueError(f"sample_temperature must be > 0, got {sample_temperature}")
+        given = {"input_dim": input_dim, "decoder": decoder, "decoder_kwargs": decoder_kwargs, "encoder_kwargs": encoder_kwargs}
+        arch = self._architecture(init_from, given)
+        input_dim, decoder, decoder_kwargs, encoder_kwargs = (arch[name] for name in ARCHITECTURE_ARGUMENTS)
+        # LightningCLI records the config's init args (architecture `None`) as hyper-parameters, not
+        # these locals: `_build_captioner` puts the resolved architecture back before building.
+        object.__setattr__(self, "_resolved_architecture", arch)
+        # The final rate only matters to XE's schedule; keep XE's check (final_lr <= lr) satisfied.
+        super().__init__(
+            extractor_ckpt=extractor_ckpt,
+            extractor=extractor,
+            input_dim=input_dim,
+            decoder=decoder,
+            decoder_kwargs=decoder_kwargs,
+            encoder_kwargs=encoder_kwargs,
+            vocab_size=vocab_size,
+            vocabulary=vocabulary,
+            feature_cache_dir=feature_cache_dir,
+            label_smoothing=label_smoothing,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            final_lr=min(final_lr, lr),
+            teacher_forcing_start=teacher_forcing_start,
+            teacher_forcing_end=teacher_forcing_end,
+            beam_size=beam_size,
+            max_decode_length=max_decode_length,
+            init_from=init_from,
+        )
+        for name in ARCHITECTURE_ARGUMENTS:  # the checkpoint records the architecture actually built
+            self.hparams[name] = arch[name]
+        self._document_frequency: CiderDocumentFrequency | None = None
+        self._train_references: list[list[str]] | None = None
+
+    def _build_captioner(self, vocab, vocab_size: int | None = None) -> None:
+        for name in ARCHITECTURE_ARGUMENTS:
+            self.hparams[name] = self._resolved_architecture[name]
+        super()._build_captioner(vocab, vocab_size)
+
+    @staticmethod
+    def _architecture(init_from: str | None, given: dict[str, Any]) -> dict[str, Any]:
+        """Captioner architecture: from `init_from`'s hyper-parameters where not given; given values must match."""
+        if init_from is None:
+            return {name: XE_ARCHITECTURE_DEFAULTS[name] if given[name] is None else given[name] for name in ARCHITECTURE_ARGUMENTS}
+        hparams = read_checkpoint(init_from).get("hyper_parameters") or {}
+        arch = {}
+        for name in ARCHITECTURE_ARGUMENTS:
+            recorded = hparams.get(name, XE_ARCHITECTURE_DEFAULTS[name])
+            if given[name] is not None and given[name] != recorded:
+                raise ValueError(f"{name}={given[name]!r} differs from the {name} of init_from '{init_from}': {recorded!r}")
+            arch[name] = recorded
+        return arch
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage != "fit":
+            return
+        if self.hparams.init_from is None and getattr(self.trainer, "ckpt_path", None) is None:
+            raise ValueError("CaptioningSCST starts from an XE checkpoint: pass init_from (or resume with ckpt_path)")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "clips"):
+            raise ValueError("CaptioningSCST needs a datamodule with `clips(split)` for the references of the training clips")
+        self._train_references = [[normalize_caption(c) for c in caps] for caps in datamodule.clips("train").captions]
+        if self.hparams.cider_df == "corpus":
+            # Standard SCST practice: document frequencies of the training references, fixed once.
+            self._document_frequency = CiderDocumentFrequency.from_references(self._train_references)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.hparams.lr)
+
+    # ------------------------------------------------------------------ rewards
+    def cider_rewards(self, candidates: list[str], references: list[list[str]]) -> torch.Tensor:
+        """CIDEr-D `(N,)` of normalised candidates against their references, with the configured frequencies.
+
+        In batch mode the document frequencies come from the distinct reference sets of the batch
+        (one document per clip, however many candidates it has).
+        """
+        if self.hparams.cider_df == "corpus":
+            if self._document_frequency is None:
+                raise ValueError("cider_df='corpus' but no document frequencies were built (setup('fit') not run)")
+            frequency = self._document_frequency
+        else:
+            distinct = list({tuple(refs): None for refs in references})
+            frequency = CiderDocumentFrequency.from_references([list(refs) for refs in distinct])
+        _, scores = cider_d(candidates, references, document_frequency=frequency)
+        return scores.to(torch.float32)
+
+    def _captions(self, tokens: torch.Tensor) -> list[str]:
+        return [normalize_caption(c) for c in self.vocab.decode_batch(tokens)]
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self._train_references is None:
+            raise ValueError("the training references are not loaded (setup('fit') not run)")
+        feats, lengths = self.features(batch)  # (B, T', D), (B,)
+        # A clip met several times in a batch (one item per caption) is sampled once.
+        clip_ids: list[int] = []
+        first_rows: list[int] = []
+        for row, clip_id in enumerate(batch["clip_ids"].tolist()):
+            if clip_id not in clip_ids:
+                clip_ids.append(clip_id)
+                first_rows.append(row)
+        index = torch.tensor(first_rows, device=feats.device)
+        feats, lengths = feats.index_select(0, index), lengths.index_select(0, index)  # (C, T', D), (C,)
+        references = [self._train_references[c] for c in clip_ids]
+        k = self.hparams.num_samples
+        ids = dict(bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, pad_id=self.vocab.pad_id)
+
+        sampled = sample_decode(
+            self.model, feats, lengths, max_length=self.hparams.max_decode_length,
+            num_samples=k, temperature=self.hparams.sample_temperature, **ids,
+        )  # tokens / log_probs / mask: (C * K, L), samples of a clip adjacent
+        sample_refs = [refs for refs in references for _ in range(k)]
+        reward_sample = self.cider_rewards(self._captions(sampled.tokens), sample_refs).to(self.device)  # (C * K,)
+
+        if self.hparams.baseline == "greedy":
+            was_training = self.model.training
+            self.model.eval()  # the test-time policy: no dropout
+            with torch.no_grad():
+                greedy = greedy_decode(self.model, feats, lengths, max_length=self.hparams.max_decode_length, **ids)  # (C, L')
+            self.model.train(was_training)
+            reward_greedy = self.cider_rewards(self._captions(greedy), references).to(self.device)  # (C,)
+            baseline = reward_greedy.repeat_interleave(k)  # (C * K,)
+            self.log("train/reward_greedy", reward_greedy.mean(), batch_size=len(clip_ids))
+        else:
+            baseline = leave_one_out_mean(reward_sample, k)
+
+        advantages = reward_sample - baseline  # (C * K,)
+        loss = scst_loss(sampled.log_probs, sampled.mask, advantages)
+        size = len(clip_ids)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/reward_sample", reward_sample.mean(), prog_bar=True, batch_size=size)
+        self.log("train/advantage", advantages.mean(), batch_size=size)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite SCST loss {loss.item()} at global step {self.global_step}")
+        return loss
