@@ -152,3 +152,15 @@ def test_cli_resolves_short_class_names(capsys, synth_root: Path):
     assert printed["model"]["class_path"] == "aac_lightning.modules.ContrastiveRetrieval"
     assert printed["data"]["class_path"] == "aac_lightning.data.RetrievalDataModule"
     assert printed["data"]["init_args"]["clotho_root"] == str(synth_root)
+
+
+def test_bf16_mixed_precision_trains(synth_root: Path, tmp_path: Path):
+    """The bf16 autocast path (what `--trainer.precision bf16-mixed` uses on a GPU) runs; here on the CPU."""
+    module = tiny_module()
+    dm = RetrievalDataModule(clotho_root=str(synth_root), batch_size=4)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    before = {k: v.clone() for k, v in module.model.audio_projection.state_dict().items()}
+    trainer.fit(module, datamodule=dm)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert any(not torch.equal(before[k], v) for k, v in module.model.audio_projection.state_dict().items())
