@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-
 from aac_lightning.data.audio import load_audio
 from aac_lightning.data.datamodules import pad_waveforms
 from aac_lightning.data.text import Vocabulary
 from aac_lightning.modules.base import HandoffError, checkpoint_kind, read_checkpoint
 from aac_lightning.nn.decoding import beam_search
+from aac_lightning.retrieval_ensemble import read_ensemble_config
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +103,6 @@ class CaptionEnsemble:
         return captions
 
 
-def read_ensemble_checkpoints(path: str | Path) -> list[str]:
-    """The `checkpoints:` list of an ensemble config (`conf/captioning/ensembles/systemN.yaml`)."""
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    unknown = sorted(set(data) - {"checkpoints", "name", "description"})
-    if unknown:
-        raise ValueError(f"'{path}': unknown key(s) {unknown}; expected 'checkpoints', 'name', 'description'")
-    checkpoints = data.get("checkpoints")
-    if not isinstance(checkpoints, list) or not checkpoints or not all(isinstance(c, str) for c in checkpoints):
-        raise ValueError(f"'{path}': 'checkpoints' must be a non-empty list of paths")
-    return checkpoints
-
-
 def caption_eval_command(args: Sequence[str]) -> None:
     """`aac-lightning caption-eval`: caption a Clotho subset with one captioner or an ensemble and score it."""
     from aac_lightning.data.datasets import Clotho
@@ -137,7 +124,7 @@ def caption_eval_command(args: Sequence[str]) -> None:
     parser.add_argument("--out", help="write the metrics as JSON here")
     parser.add_argument("--csv", help="write the DCASE task 6a submission CSV here")
     ns = parser.parse_args(args)
-    paths = (read_ensemble_checkpoints(ns.config) if ns.config else []) + list(ns.checkpoints)
+    paths = (read_ensemble_config(ns.config) if ns.config else []) + list(ns.checkpoints)
     if not paths:
         parser.error("give checkpoints or --config")
     ensemble = CaptionEnsemble.from_checkpoints(paths, device=ns.device, beam_size=ns.beam_size, max_length=ns.max_length)

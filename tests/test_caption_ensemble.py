@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aac_lightning.captioning_ensemble import CaptionEnsemble, load_captioner, read_ensemble_checkpoints
+from aac_lightning.captioning_ensemble import CaptionEnsemble, load_captioner
+from aac_lightning.retrieval_ensemble import read_ensemble_config
 from aac_lightning.cli import main
 from aac_lightning.data import Clotho
 from aac_lightning.data.text import Vocabulary
@@ -73,5 +74,5 @@ def test_caption_eval_command_writes_metrics_and_submission(xe_ckpt: Path, synth
 
 
 def test_report_systems_as_configs():
-    sizes = {n: len(read_ensemble_checkpoints(REPO / "conf" / "captioning" / "ensembles" / f"system{n}.yaml")) for n in (1, 2, 3, 4)}
+    sizes = {n: len(read_ensemble_config(REPO / "conf" / "captioning" / "ensembles" / f"system{n}.yaml")) for n in (1, 2, 3, 4)}
     assert sizes == {1: 1, 2: 2, 3: 4, 4: 6}
