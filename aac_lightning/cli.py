@@ -14,10 +14,11 @@ TRAINER_SUBCOMMANDS = {
 }
 
 
-def _lightning_cli(args: Sequence[str] | None) -> None:
-    """Run LightningCLI in subclass mode over the package's modules and datamodules.
+def build_lightning_cli(args: Sequence[str] | None, run: bool = True):
+    """LightningCLI in subclass mode over the package's modules and datamodules.
 
-    `args=None` lets LightningCLI read `sys.argv` itself (the console script).
+    `args=None` lets LightningCLI read `sys.argv` itself (the console script); `run=False` only
+    instantiates the trainer, model and datamodule (the demo runs them itself).
     """
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
@@ -26,11 +27,12 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     import aac_lightning.data  # noqa: F401
     import aac_lightning.modules  # noqa: F401
 
-    LightningCLI(
+    return LightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        run=run,
         args=None if args is None else list(args),
         save_config_kwargs={"overwrite": True},
     )
@@ -92,7 +94,7 @@ def main(args: Sequence[str] | None = None) -> None:
         return
     command, rest = args[0], args[1:]
     if command in TRAINER_SUBCOMMANDS:
-        _lightning_cli(None if from_command_line else args)
+        build_lightning_cli(None if from_command_line else args)
     elif command in EXTRA_SUBCOMMANDS:
         EXTRA_SUBCOMMANDS[command][1](rest)
     else:

@@ -48,21 +48,9 @@ def stage_config(stage: str, workdir: Path, conf_dir: Path = CONF_DIR) -> Path:
 
 def run_stage(config: Path, extra_args: Sequence[str] = ()) -> tuple[dict[str, float], Any]:
     """Fit one stage through LightningCLI, then test its best checkpoint; returns the test metrics and the module."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.cli import LightningCLI
+    from aac_lightning.cli import build_lightning_cli
 
-    import aac_lightning.data  # noqa: F401
-    import aac_lightning.modules  # noqa: F401
-
-    cli = LightningCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        args=["--config", str(config), *extra_args],
-        save_config_kwargs={"overwrite": True},
-    )
+    cli = build_lightning_cli(["--config", str(config), *extra_args], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")
     return {k: float(v) for k, v in (results[0] if results else {}).items()}, cli.model

@@ -75,3 +75,15 @@ def synth_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     write_synthetic_clotho(root, n_clips=30, seed=3, sample_rate=16000)
     return root
+
+
+def demo_config_overrides(tmp_path: Path, data_root: Path) -> list[str]:
+    """CLI arguments that run a `conf/demo/*.yaml` stage for one batch with every output under `tmp_path`."""
+    return [
+        "--trainer.fast_dev_run=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.callbacks.init_args.dirpath={tmp_path}/checkpoints",
+        f"--data.init_args.clotho_root={data_root}",
+        "--data.init_args.batch_size=4",
+    ]

@@ -15,6 +15,7 @@ from aac_lightning.data import CaptioningDataModule
 from aac_lightning.modules.base import HandoffError, read_checkpoint
 from aac_lightning.modules.scst import CaptioningSCST, leave_one_out_mean, scst_loss
 from aac_lightning.nn.decoding import SampledCaptions
+from tests.conftest import demo_config_overrides
 from tests.test_xe_module import fit_xe, retrieval_ckpt  # noqa: F401  (retrieval_ckpt is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,12 +138,7 @@ def test_cli_fit_runs_the_demo_config(xe_ckpt: Path, synth_root: Path, tmp_path:
     config = yaml.safe_load((REPO / "conf" / "demo" / "scst.yaml").read_text(encoding="utf-8"))
     assert config["model"]["init_args"]["init_from"].startswith("demo_workdir/runs/xe/")
     args = [
-        "--trainer.fast_dev_run=1",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-        f"--trainer.callbacks.init_args.dirpath={tmp_path}/checkpoints",
-        f"--data.init_args.clotho_root={synth_root}",
-        "--data.init_args.batch_size=4",
+        *demo_config_overrides(tmp_path, synth_root),
         f"--model.init_args.init_from={xe_ckpt}",
         f"--model.init_args.feature_cache_dir={tmp_path}/cache",
         "--model.init_args.num_samples=2",

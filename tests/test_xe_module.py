@@ -17,6 +17,7 @@ from aac_lightning.data.datamodules import collate_clips
 from aac_lightning.modules.base import HandoffError, read_checkpoint, warmup_exponential
 from aac_lightning.modules.captioning import CaptioningXE
 from aac_lightning.tools import build_model_offline, count_parameters, read_configs
+from tests.conftest import demo_config_overrides
 from tests.test_retrieval_module import TINY_AUDIO, fit_tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,12 +181,7 @@ def test_cli_fit_runs_the_demo_config(retrieval_ckpt: Path, synth_root: Path, tm
     config = yaml.safe_load((REPO / "conf" / "demo" / "xe.yaml").read_text(encoding="utf-8"))
     assert config["model"]["init_args"]["extractor_ckpt"].startswith("demo_workdir/")
     args = [
-        "--trainer.fast_dev_run=1",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-        f"--trainer.callbacks.init_args.dirpath={tmp_path}/checkpoints",
-        f"--data.init_args.clotho_root={synth_root}",
-        "--data.init_args.batch_size=4",
+        *demo_config_overrides(tmp_path, synth_root),
         f"--model.init_args.extractor_ckpt={retrieval_ckpt}",
         f"--model.init_args.feature_cache_dir={tmp_path}/cache",
         "--model.init_args.input_dim=8",
