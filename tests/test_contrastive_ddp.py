@@ -121,6 +121,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Results are on disk: leave without interpreter teardown, where gloo's background threads
+    # can abort the process ("terminate called without an active exception") on a loaded machine.
+    os._exit(0)
 
 
 def _free_port() -> int:

@@ -208,6 +208,9 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         dist.barrier()  # both ranks done before the group is torn down (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
+    # Results are on disk: leave without interpreter teardown, where gloo's background threads
+    # can abort the process ("terminate called without an active exception") on a loaded machine.
+    os._exit(0)
 
 
 def _ddp_data() -> tuple[torch.Tensor, torch.Tensor]:
