@@ -12,11 +12,11 @@ import yaml
 
 from aac_lightning.cli import main
 from aac_lightning.data import RetrievalDataModule
-from aac_lightning.demo import STAGES, stage_config
 from aac_lightning.metrics import audio_to_text_metrics, retrieval_metrics
 from aac_lightning.modules import ContrastiveRetrieval
 from aac_lightning.modules.base import HandoffError, read_checkpoint, warmup_cosine
 from aac_lightning.tools import build_model_offline, count_parameters, read_configs
+from tests.conftest import demo_config_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_AUDIO = dict(sample_rate=16000, window_size=512, hop_size=160, mel_bins=32, fmax=8000, channels=[4, 8, 8, 8, 8, 8], embed_dim=16)
@@ -118,17 +118,12 @@ def test_temperature_has_no_weight_decay_and_is_clamped(synth_root: Path, tmp_pa
 
 
 def test_cli_fit_runs_the_demo_configs(tmp_path: Path, synth_root: Path):
-    """Every demo config goes through the real CLI (fast_dev_run), paths moved under a work dir."""
-    for stage in STAGES:
-        config = stage_config(stage, tmp_path)
-        data = yaml.safe_load(config.read_text(encoding="utf-8"))
-        assert data["data"]["init_args"]["clotho_root"] == f"{tmp_path}/data"
-    args = ["--trainer.fast_dev_run=1", f"--data.init_args.clotho_root={synth_root}", "--data.init_args.batch_size=4",
-            f"--model.init_args.audio_encoder_kwargs={TINY_AUDIO}".replace("'", '"')]
-    main(["fit", "--config", str(tmp_path / "configs" / "contrastive_pretrain.yaml"), *args])
+    """Both contrastive demo configs go through the real CLI (fast_dev_run), outputs under tmp_path."""
+    args = [*demo_config_overrides(tmp_path, synth_root), f"--model.init_args.audio_encoder_kwargs={TINY_AUDIO}".replace("'", '"')]
+    main(["fit", "--config", str(REPO / "conf" / "demo" / "contrastive_pretrain.yaml"), *args])
     # the fine-tuning config needs its init_from: hand it a checkpoint of the same architecture
     ckpt = fit_tiny(synth_root, tmp_path, embed_dim=256, audio_encoder_kwargs=TINY_AUDIO, text_max_length=32, text_pooling="mean")
-    main(["fit", "--config", str(tmp_path / "configs" / "contrastive_finetune.yaml"), *args, f"--model.init_args.init_from={ckpt}"])
+    main(["fit", "--config", str(REPO / "conf" / "demo" / "contrastive_finetune.yaml"), *args, f"--model.init_args.init_from={ckpt}"])
 
 
 @pytest.mark.parametrize(
