@@ -15,10 +15,11 @@ under `DIR/<stage>/`:
 A rerun skips stages with a `stage.json` and resumes an interrupted one from its `last.ckpt`
 (optimizer, schedule and loop state included). `DIR/results.json` gathers every finished stage.
 
-Recipe format (paths are relative to the recipe file; `${workdir}` and `${recipe_dir}` are replaced
-in `set` values and in the other path fields)::
+Recipe format (config paths are relative to the recipe file; `${workdir}`, `${recipe_dir}` and the
+recipe's own `variables`, overridable with `--var NAME=VALUE`, are replaced in every string)::
 
     name: demo
+    variables: {data_root: data}
     synthetic_data: {dir: ${workdir}/data, clips: 400, seed: 0}   # optional: written if absent
     stages:
       - name: pretrain
@@ -57,7 +58,7 @@ ENSEMBLE_KINDS = ("retrieval_ensemble", "caption_ensemble")
 KIND_BY_CLASS = {"ContrastiveRetrieval": "contrastive", "CaptioningXE": "xe", "CaptioningSCST": "scst"}
 LOGGER_CHOICES = ("wandb", "csv", "tensorboard")
 STAGE_KEYS = {"name", "kind", "configs", "set", "handoff", "members", "clotho_root", "subset", "tags", "description"}
-RECIPE_KEYS = {"name", "description", "synthetic_data", "stages"}
+RECIPE_KEYS = {"name", "description", "variables", "synthetic_data", "stages"}
 SYNTH_KEYS = {"dir", "clips", "seed", "sample_rate"}
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RETRIEVAL_METRICS = ("R@1", "R@5", "R@10", "mAP@10")
@@ -123,8 +124,12 @@ def _config_kind(configs: Sequence[Path]) -> str | None:
     return kind
 
 
-def load_recipe(path: str | Path, workdir: str | Path) -> Recipe:
-    """Read and check a recipe; `${workdir}` becomes the absolute `workdir`. Errors name the file and field."""
+def load_recipe(path: str | Path, workdir: str | Path, variables: dict[str, str] | None = None) -> Recipe:
+    """Read and check a recipe. Errors name the file, the stage and the field.
+
+    `${workdir}` becomes the absolute `workdir`, `${recipe_dir}` the recipe's folder, and `${NAME}` a
+    value of the recipe's `variables:` mapping, which `variables` (e.g. from `--var NAME=VALUE`) overrides.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe '{path}' not found")
@@ -139,9 +144,16 @@ def load_recipe(path: str | Path, workdir: str | Path) -> Recipe:
     unknown = set(raw) - RECIPE_KEYS
     if unknown:
         raise RecipeError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(RECIPE_KEYS)}")
-    variables = {"workdir": str(Path(workdir).resolve()), "recipe_dir": str(path.resolve().parent)}
+    declared = raw.get("variables") or {}
+    if not isinstance(declared, dict):
+        raise RecipeError(f"{path}: 'variables' must be a mapping of names to values")
+    unknown = set(variables or {}) - set(declared)
+    if unknown:
+        raise RecipeError(f"{path}: --var {sorted(unknown)} not among the recipe's variables {sorted(declared)}")
+    builtin = {"workdir": str(Path(workdir).resolve()), "recipe_dir": str(path.resolve().parent)}
+    variables = {**builtin, **{str(k): str(v) for k, v in declared.items()}, **(variables or {}), **builtin}
     try:
-        raw = _substitute(raw, variables)
+        raw = _substitute({k: v for k, v in raw.items() if k != "variables"}, variables)
     except KeyError as err:
         raise RecipeError(f"{path}: unknown variable ${{{err.args[0]}}}; known: {sorted(variables)}") from None
     stages_raw = raw.get("stages")
@@ -300,6 +312,7 @@ class PipelineRunner:
         loggers: any of `wandb`, `csv`, `tensorboard` (the CSV log is also what the notebooks read).
         wandb_project: W&B project of the stage runs.
         examples: sample captions / retrieval queries kept per test set (examples.json, W&B tables).
+        variables: values of the recipe's `variables` (e.g. data folders).
     """
 
     def __init__(
@@ -310,9 +323,10 @@ class PipelineRunner:
         loggers: Sequence[str] = ("wandb", "csv"),
         wandb_project: str = "aac_lightning",
         examples: int = 8,
+        variables: dict[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
-        self.recipe = load_recipe(recipe, self.workdir)
+        self.recipe = load_recipe(recipe, self.workdir, variables)
         bad = [name for name in loggers if name not in LOGGER_CHOICES]
         if bad:
             raise ValueError(f"unknown logger(s) {bad}; choose from {list(LOGGER_CHOICES)}")
@@ -367,8 +381,11 @@ class PipelineRunner:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         check_output_dir(self.workdir)
-        state = self._pipeline_state()
-        self._write_synthetic_data()
+        # Under DDP the launcher re-runs this command on every rank: the files that rank 0 writes
+        # here exist before the other ranks start, at the first stage's `trainer.fit`.
+        state = self._pipeline_state() if _is_rank_zero() else json.loads((self.workdir / "pipeline.json").read_text(encoding="utf-8"))
+        if _is_rank_zero():
+            self._write_synthetic_data()
         for stage in self.recipe.stages:
             if self.stage_record(stage.name) is not None:
                 print(f"=== stage {stage.name}: finished earlier, skipped ({self.stage_dir(stage.name) / 'stage.json'})")
@@ -378,13 +395,17 @@ class PipelineRunner:
             if stage.kind in TRAINING_KINDS:
                 record = self._run_training(stage, state["group"])
             else:
-                record = self._run_ensemble(stage)
-            record["seconds"] = round(time.time() - started, 1)
-            record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-            (self.stage_dir(stage.name) / "stage.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+                record = self._run_ensemble(stage) if _is_rank_zero() else None
+            if _is_rank_zero():
+                record["seconds"] = round(time.time() - started, 1)
+                record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+                (self.stage_dir(stage.name) / "stage.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+                self._write_results()
+            _barrier()  # under DDP, the other ranks take the handoff only once stage.json exists
+        results = self.results()
+        if _is_rank_zero():
             self._write_results()
-        results = self._write_results()
-        print("\n" + format_results(results))
+            print("\n" + format_results(results))
         return results
 
     def _write_results(self) -> dict[str, Any]:
@@ -423,36 +444,33 @@ class PipelineRunner:
         args.append(f"--trainer.default_root_dir={self.stage_dir(stage.name)}")
         return args + self.overrides
 
-    def _make_loggers(self, stage: Stage, group: str, config: dict[str, Any]) -> list:
-        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-        out = self.stage_dir(stage.name)
-        loggers: list = []
+    def _logger_specs(self, stage: Stage, group: str, config: dict[str, Any]) -> list[dict[str, Any]]:
+        """The stage's loggers as LightningCLI `class_path` / `init_args` entries."""
+        out = str(self.stage_dir(stage.name))
+        specs: list[dict[str, Any]] = []
         if "csv" in self.loggers:
-            loggers.append(CSVLogger(save_dir=str(out), name="logs"))
+            specs.append({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": out, "name": "logs"}})
         if "tensorboard" in self.loggers:
-            loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard"))
+            specs.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": out, "name": "tensorboard"}})
         if "wandb" in self.loggers:
-            from lightning.pytorch.loggers import WandbLogger
-
-            id_file = out / "wandb_id.txt"
+            # One W&B run per stage, grouped by the work directory's pipeline run; a resumed stage
+            # continues its own run (same id).
+            id_file = self.stage_dir(stage.name) / "wandb_id.txt"
             run_id = id_file.read_text().strip() if id_file.is_file() else f"{group}-{stage.name}"[-64:]
             id_file.write_text(run_id)
-            loggers.append(
-                WandbLogger(
-                    project=self.wandb_project,
-                    name=stage.name,
-                    group=group,
-                    job_type=stage.kind,
-                    tags=[self.recipe.name, stage.kind, *_architecture_tags(config), *stage.tags],
-                    save_dir=str(out),
-                    id=run_id,
-                    resume="allow",
-                    mode=wandb_mode(),
-                    config={"stage": stage.name, "recipe": self.recipe.name, **_flatten(config)},
-                )
-            )
-        return loggers
+            init_args = {
+                "project": self.wandb_project,
+                "name": stage.name,
+                "group": group,
+                "job_type": stage.kind,
+                "tags": [self.recipe.name, stage.kind, *_architecture_tags(config), *stage.tags],
+                "save_dir": out,
+                "id": run_id,
+                "resume": "allow",
+                "mode": wandb_mode(),
+            }
+            specs.append({"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": init_args})
+        return specs
 
     def _run_training(self, stage: Stage, group: str) -> dict[str, Any]:
         from lightning.pytorch.callbacks import ModelCheckpoint
@@ -463,9 +481,15 @@ class PipelineRunner:
         out = self.stage_dir(stage.name)
         out.mkdir(parents=True, exist_ok=True)
         cli = build_lightning_cli(self._cli_args(stage), run=False)
-        config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_check=True))
-        (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+        config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_check=True))
+        logger_specs = self._logger_specs(stage, group, config)
+        # config.yaml records what the stage runs with, and reruns alone with `aac-lightning fit --config`.
+        config["trainer"]["logger"] = logger_specs
+        for callback in config["trainer"].get("callbacks") or []:
+            if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
+                callback.setdefault("init_args", {}).update(dirpath=str(out / "checkpoints"), save_last=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
         # The pipeline owns where a stage writes: its checkpoints and logs go under DIR/<stage>/.
         checkpoints = trainer.checkpoint_callbacks
@@ -476,7 +500,10 @@ class PipelineRunner:
         for checkpoint in checkpoints:
             checkpoint.dirpath = str(out / "checkpoints")
             checkpoint.save_last = True
-        trainer.loggers = self._make_loggers(stage, group, config)
+        trainer.loggers = [_instantiate(spec) for spec in logger_specs]
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.experiment.config.update({"stage": stage.name, "recipe": self.recipe.name, **_flatten(config)}, allow_val_change=True)
         preflight_trainer_outputs(trainer)
 
         last = out / "checkpoints" / "last.ckpt"
@@ -485,8 +512,10 @@ class PipelineRunner:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
 
         best_path = Path(checkpoints[0].best_model_path) if checkpoints[0].best_model_path else last
-        _link_or_copy(last, out / "last.ckpt")
-        _link_or_copy(best_path, out / "best.ckpt")
+        if trainer.is_global_zero:
+            _link_or_copy(last, out / "last.ckpt")
+            _link_or_copy(best_path, out / "best.ckpt")
+        trainer.strategy.barrier("pipeline-links")
         results = trainer.test(model, datamodule=datamodule, ckpt_path=str(out / "best.ckpt"))
         metrics = normalize_metrics(stage.kind, results[0] if results else {})
         examples = self._examples(stage, model, datamodule) if trainer.is_global_zero else None
@@ -534,6 +563,26 @@ class PipelineRunner:
             caption_eval_command([*checkpoints, "--clotho-root", stage.clotho_root, "--subset", stage.subset, "--out", str(metrics_file), "--csv", str(out / "submission.csv")])
             metrics = json.loads(metrics_file.read_text(encoding="utf-8"))["metrics"]
         return {"kind": stage.kind, "checkpoint": None, "members": checkpoints, "metrics": normalize_metrics(stage.kind, metrics)}
+
+
+def _is_rank_zero() -> bool:
+    """Rank 0 of a distributed run (or a single process): the one that writes the pipeline's files."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _instantiate(spec: dict[str, Any]) -> Any:
+    from aac_lightning.tools import import_class
+
+    return import_class(spec["class_path"])(**spec["init_args"])
 
 
 def _retrieval_rows(queries: Sequence[str], query_records: Sequence[Any], records: Sequence[Any], sim) -> list[dict[str, Any]]:
@@ -596,7 +645,19 @@ def build_parser(prog: str = "aac-lightning pipeline") -> argparse.ArgumentParse
     )
     parser.add_argument("--wandb-project", default="aac_lightning", help="W&B project (default aac_lightning)")
     parser.add_argument("--examples", type=int, default=8, help="test examples kept per stage (default 8)")
+    parser.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="set a recipe variable, e.g. --var data_root=/data (repeatable)")
     return parser
+
+
+def parse_variables(parser: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, str]:
+    """`["a=1", "b=2"]` -> `{"a": "1", "b": "2"}`."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--var takes NAME=VALUE, got {item!r}")
+        out[name] = value
+    return out
 
 
 def parse_overrides(parser: argparse.ArgumentParser, args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -624,6 +685,6 @@ def pipeline_command(args: Sequence[str]) -> None:
     parser = build_parser()
     ns, overrides = parse_overrides(parser, args)
     loggers = [name.strip() for name in ns.loggers.split(",") if name.strip()]
-    runner = PipelineRunner(ns.recipe, ns.workdir, overrides, loggers, ns.wandb_project, ns.examples)
+    runner = PipelineRunner(ns.recipe, ns.workdir, overrides, loggers, ns.wandb_project, ns.examples, parse_variables(parser, ns.var))
     runner.run()
     print(f"results written to {runner.workdir / 'results.json'}")

@@ -217,3 +217,26 @@ def test_trainer_overrides_are_collected_for_every_stage():
     assert ns.workdir == "w" and overrides == ["--trainer.devices=2", "--trainer.precision=bf16-mixed"]
     with pytest.raises(SystemExit):
         parse_overrides(build_parser(), ["r.yaml", "--workdir", "w", "stray"])
+
+
+def test_wandb_offline_run_per_stage_with_group_job_type_config_and_tables(synth_root: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe = write_recipe(tmp_path / "recipe.yaml", contrastive_stages(synth_root)[:1], name="wandbcheck")
+    work = tmp_path / "work"
+    main(["pipeline", str(recipe), "--workdir", str(work), "--loggers", "wandb,csv", "--trainer.max_epochs=1", *TRAINER])
+    group = json.loads((work / "pipeline.json").read_text(encoding="utf-8"))["group"]
+    assert group.startswith("wandbcheck-")
+    runs = list((work / "pretrain" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for expected in (group, "contrastive", "pretrain", "audio_encoder:cnn14", "text_encoder:minilm-l6", "model.init_args.embed_dim"):
+        assert expected.encode() in records, expected
+    table = next(runs[0].glob("files/media/table/test/retrieval_examples*.table.json"))
+    data = json.loads(table.read_text(encoding="utf-8"))
+    assert data["columns"] == ["query", "target", "rank", "file", "score", "correct"] and data["data"]
+    # the CSV log is written next to it, and config.yaml names the loggers the stage ran with
+    assert list((work / "pretrain" / "logs").glob("version_*/metrics.csv"))
+    loggers = yaml.safe_load((work / "pretrain" / "config.yaml").read_text(encoding="utf-8"))["trainer"]["logger"]
+    assert [spec["class_path"].rpartition(".")[2] for spec in loggers] == ["CSVLogger", "WandbLogger"]
+    assert loggers[1]["init_args"]["group"] == group and loggers[1]["init_args"]["job_type"] == "contrastive"
