@@ -473,8 +473,7 @@ class PipelineRunner:
         return specs
 
     def _run_training(self, stage: Stage, group: str) -> dict[str, Any]:
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
+        from aac_lightning.callbacks import LatestCheckpoint
         from aac_lightning.cli import build_lightning_cli
         from aac_lightning.utils.preflight import preflight_trainer_outputs
 
@@ -486,20 +485,19 @@ class PipelineRunner:
         logger_specs = self._logger_specs(stage, group, config)
         # config.yaml records what the stage runs with, and reruns alone with `aac-lightning fit --config`.
         config["trainer"]["logger"] = logger_specs
-        for callback in config["trainer"].get("callbacks") or []:
-            if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
-                callback.setdefault("init_args", {}).update(dirpath=str(out / "checkpoints"), save_last=True)
+        config["trainer"]["callbacks"] = _pipeline_callback_specs(config["trainer"].get("callbacks"), out / "checkpoints")
         (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
         # The pipeline owns where a stage writes: its checkpoints and logs go under DIR/<stage>/.
-        checkpoints = trainer.checkpoint_callbacks
-        if not checkpoints:
-            checkpoint = ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True)
-            trainer.callbacks.append(checkpoint)
-            checkpoints = [checkpoint]
-        for checkpoint in checkpoints:
-            checkpoint.dirpath = str(out / "checkpoints")
-            checkpoint.save_last = True
+        # The config's monitored ModelCheckpoints keep the best epochs; `LatestCheckpoint` writes
+        # `last.ckpt` after every epoch, which is what an interrupted stage resumes from.
+        for callback in list(trainer.checkpoint_callbacks):
+            if callback.monitor is None:  # an unmonitored one would only duplicate last.ckpt
+                trainer.callbacks.remove(callback)
+            else:
+                callback.dirpath, callback.save_last = str(out / "checkpoints"), False
+        monitored = list(trainer.checkpoint_callbacks)
+        trainer.callbacks.append(LatestCheckpoint(out / "checkpoints"))
         trainer.loggers = [_instantiate(spec) for spec in logger_specs]
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
@@ -511,7 +509,7 @@ class PipelineRunner:
             print(f"resuming stage {stage.name} from {last}")
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
 
-        best_path = Path(checkpoints[0].best_model_path) if checkpoints[0].best_model_path else last
+        best_path = Path(monitored[0].best_model_path) if monitored and monitored[0].best_model_path else last
         if trainer.is_global_zero:
             _link_or_copy(last, out / "last.ckpt")
             _link_or_copy(best_path, out / "best.ckpt")
@@ -563,6 +561,23 @@ class PipelineRunner:
             caption_eval_command([*checkpoints, "--clotho-root", stage.clotho_root, "--subset", stage.subset, "--out", str(metrics_file), "--csv", str(out / "submission.csv")])
             metrics = json.loads(metrics_file.read_text(encoding="utf-8"))["metrics"]
         return {"kind": stage.kind, "checkpoint": None, "members": checkpoints, "metrics": normalize_metrics(stage.kind, metrics)}
+
+
+def _is_model_checkpoint(spec: Any) -> bool:
+    return isinstance(spec, dict) and str(spec.get("class_path", "")).endswith("ModelCheckpoint")
+
+
+def _pipeline_callback_specs(specs: Any, checkpoint_dir: Path) -> list[Any]:
+    """The config's callbacks as the pipeline runs them (mirrors what `_run_training` does to the trainer)."""
+    out = []
+    for spec in specs or []:
+        if _is_model_checkpoint(spec):
+            init_args = dict(spec.get("init_args") or {})
+            if not init_args.get("monitor"):
+                continue
+            spec = {**spec, "init_args": {**init_args, "dirpath": str(checkpoint_dir), "save_last": False}}
+        out.append(spec)
+    return out + [{"class_path": "aac_lightning.callbacks.LatestCheckpoint", "init_args": {"dirpath": str(checkpoint_dir)}}]
 
 
 def _is_rank_zero() -> bool:
