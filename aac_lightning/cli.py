@@ -27,7 +27,7 @@ def build_lightning_cli(args: Sequence[str] | None, run: bool = True):
     import aac_lightning.data  # noqa: F401
     import aac_lightning.modules  # noqa: F401
 
-    return LightningCLI(
+    return _preflight_cli_class(LightningCLI)(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
@@ -36,6 +36,22 @@ def build_lightning_cli(args: Sequence[str] | None, run: bool = True):
         args=None if args is None else list(args),
         save_config_kwargs={"overwrite": True},
     )
+
+
+def _preflight_cli_class(base: type) -> type:
+    """`base` (LightningCLI) whose `fit` first checks every output folder (`preflight_trainer_outputs`).
+
+    An unwritable or full output folder then fails the run before `trainer.fit` begins, not hours later.
+    With `run=False` the caller runs `trainer.fit` itself and calls `preflight_trainer_outputs` first.
+    """
+
+    class PreflightLightningCLI(base):
+        def before_fit(self) -> None:
+            from aac_lightning.utils.preflight import preflight_trainer_outputs
+
+            preflight_trainer_outputs(self.trainer)
+
+    return PreflightLightningCLI
 
 
 def _synth(args: Sequence[str]) -> None:

@@ -7,7 +7,9 @@ order), `fname`, `dataset`, `subset`, `index`.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -62,25 +64,43 @@ def safe_join(directory: Path, fname: str, source: str) -> Path:
 
 
 def read_csv_rows(path: Path, required: Sequence[str], delimiter: str = ",") -> list[dict[str, str]]:
-    """Rows of a UTF-8 CSV file as dicts; clear errors for a missing file, bad encoding or missing columns."""
+    """Rows of a UTF-8 CSV file as dicts; clear errors for a missing file, bad encoding or missing columns.
+
+    A UTF-8 byte-order mark is accepted. Errors name the file and, where it applies, the line.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: '{path}'")
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
-            header = reader.fieldnames or []
-            missing = [col for col in required if col not in header]
-            if missing:
-                raise DatasetFormatError(
-                    f"'{path}' lacks the column(s) {missing}; found columns {header} (expected {list(required)})"
-                )
-            rows = []
-            for line_no, row in enumerate(reader, start=2):
-                if None in row:  # more fields than the header names
-                    raise DatasetFormatError(f"'{path}' line {line_no}: more fields than the header has columns")
-                rows.append(row)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DatasetFormatError(f"'{path}' is not valid UTF-8 text ({err}); re-save it as UTF-8") from err
+        # Decoding the whole file at once makes the error position absolute, so the line can be named.
+        line_no = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DatasetFormatError(
+            f"'{path}' line {line_no}: byte 0x{raw[err.start]:02x} (byte {column} of the line) is not valid UTF-8 "
+            "(the file is probably Latin-1 / Windows-1252); re-save it as UTF-8"
+        ) from err
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+        header = reader.fieldnames or []
+        missing = [col for col in required if col not in header]
+        if missing:
+            raise DatasetFormatError(
+                f"'{path}' lacks the column(s) {missing}; found columns {header} (expected {list(required)})"
+            )
+        rows = []
+        for row in reader:
+            if None in row:  # more fields than the header names
+                raise DatasetFormatError(f"'{path}' line {reader.line_num}: more fields than the header has columns")
+            if None in row.values():  # DictReader fills absent trailing fields with None
+                found = sum(v is not None for v in row.values())
+                raise DatasetFormatError(
+                    f"'{path}' line {reader.line_num}: {found} field(s), but the header has {len(header)} columns"
+                )
+            rows.append(row)
     except csv.Error as err:
         raise DatasetFormatError(f"'{path}' is not a well-formed CSV file: {err}") from err
     return rows
@@ -135,6 +155,11 @@ class CaptionDataset(Dataset):
             return records
         first = ", ".join(f"'{r.path}'" for r in missing[:5])
         msg = f"{self.name}: {len(missing)} of {len(records)} audio files are missing (first: {first})"
+        if len(missing) == len(records):
+            # Nothing to skip to: most likely the wrong folder, or the audio was never downloaded.
+            folders = sorted({str(r.path.parent) for r in records})
+            shown = ", ".join(f"'{f}'" for f in folders[:3]) + (" ..." if len(folders) > 3 else "")
+            raise FileNotFoundError(f"{msg}: no audio at all in {shown}; is the dataset root right and its audio downloaded?")
         if self.on_missing == "error":
             raise FileNotFoundError(msg + "; pass on_missing='skip' to train without them")
         log.warning("%s; skipping them (on_missing='skip')", msg)

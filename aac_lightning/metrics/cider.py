@@ -279,12 +279,12 @@ class CiderDocumentFrequency:
         """Write the tables to a ``.npz`` file (reload with :meth:`load`)."""
         arrays = {f"keys_{k}": a for k, a in enumerate(self.order_keys)}
         arrays.update({f"df_{k}": a for k, a in enumerate(self.frequencies)})
-        np.savez(path, n=self.n, num_documents=self.num_documents, words=np.array(self.words, dtype=object), **arrays)
+        np.savez(path, n=self.n, num_documents=self.num_documents, words=np.array(self.words, dtype=np.str_), **arrays)
 
     @classmethod
     def load(cls, path: str) -> "CiderDocumentFrequency":
         """Read tables written by :meth:`save`."""
-        with np.load(path, allow_pickle=True) as data:
+        with np.load(path, allow_pickle=False) as data:
             n = int(data["n"])
             return cls(
                 n=n,

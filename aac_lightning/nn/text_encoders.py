@@ -125,7 +125,10 @@ class TextEncoder(nn.Module):
         resolved = resolve_text_model(model)
         if pretrained:
             try:
-                self.model = AutoModel.from_pretrained(resolved)
+                # A local folder with safetensors weights is read from them only (no pickle at all);
+                # otherwise transformers prefers safetensors and reads .bin files with weights_only=True.
+                safetensors = any(os.path.isfile(os.path.join(resolved, n)) for n in ("model.safetensors", "model.safetensors.index.json"))
+                self.model = AutoModel.from_pretrained(resolved, use_safetensors=True if safetensors else None)
             except OSError as error:
                 raise OSError(
                     f"could not load pretrained text encoder {model!r} from {resolved!r} (a local "
