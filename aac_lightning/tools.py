@@ -101,6 +101,12 @@ def _demo(args: Sequence[str]) -> None:
     demo_command(args)
 
 
+def _pipeline(args: Sequence[str]) -> None:
+    from aac_lightning.pipeline import pipeline_command
+
+    pipeline_command(args)
+
+
 def _retrieval_eval(args: Sequence[str]) -> None:
     from aac_lightning.retrieval_ensemble import retrieval_eval_command
 
@@ -113,9 +119,24 @@ def _caption_eval(args: Sequence[str]) -> None:
     caption_eval_command(args)
 
 
+def _caption(args: Sequence[str]) -> None:
+    from aac_lightning.inference import caption_command
+
+    caption_command(args)
+
+
+def _search(args: Sequence[str]) -> None:
+    from aac_lightning.inference import search_command
+
+    search_command(args)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], None]]] = {
     "summary": ("build a configured model offline and print its parameter counts", _summary),
-    "demo": ("run the demo stages on synthetic data (offline, CPU)", _demo),
+    "pipeline": ("run a multi-stage recipe (stages/*.yaml) in a work directory; reruns resume", _pipeline),
+    "demo": ("run the demo recipe stages/demo.yaml on synthetic data (offline, CPU)", _demo),
     "caption-eval": ("caption a Clotho subset with a captioner or an ensemble and score it", _caption_eval),
     "retrieval-eval": ("evaluate retrieval checkpoints or an ensemble; DCASE 6b submission CSV", _retrieval_eval),
+    "caption": ("caption audio files or folders with a captioner or an ensemble", _caption),
+    "search": ("rank the audio files of a folder for text queries (cached embeddings)", _search),
 }
