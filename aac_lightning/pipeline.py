@@ -355,6 +355,15 @@ class PipelineRunner:
         path.write_text(json.dumps(state, indent=2), encoding="utf-8")
         return state
 
+    def _wait_for_pipeline_state(self, timeout_s: float = 3600.0) -> dict[str, Any]:
+        path = self.workdir / "pipeline.json"
+        deadline = time.time() + timeout_s
+        while not path.is_file():
+            if time.time() > deadline:
+                raise TimeoutError(f"rank {_rank()} waited {timeout_s:.0f} s for rank 0 to write '{path}'")
+            time.sleep(1.0)
+        return json.loads(path.read_text(encoding="utf-8"))
+
     def handoff_checkpoint(self, source: str) -> Path:
         name, _, which = source.partition(":")
         record = self.stage_record(name)
@@ -383,9 +392,12 @@ class PipelineRunner:
         check_output_dir(self.workdir)
         # Under DDP the launcher re-runs this command on every rank: the files that rank 0 writes
         # here exist before the other ranks start, at the first stage's `trainer.fit`.
-        state = self._pipeline_state() if _is_rank_zero() else json.loads((self.workdir / "pipeline.json").read_text(encoding="utf-8"))
+        # Launched by torchrun / SLURM, all ranks start together: the others wait for rank 0's files.
         if _is_rank_zero():
             self._write_synthetic_data()
+            state = self._pipeline_state()
+        else:
+            state = self._wait_for_pipeline_state()
         for stage in self.recipe.stages:
             if self.stage_record(stage.name) is not None:
                 print(f"=== stage {stage.name}: finished earlier, skipped ({self.stage_dir(stage.name) / 'stage.json'})")
@@ -580,11 +592,15 @@ def _pipeline_callback_specs(specs: Any, checkpoint_dir: Path) -> list[Any]:
     return out + [{"class_path": "aac_lightning.callbacks.LatestCheckpoint", "init_args": {"dirpath": str(checkpoint_dir)}}]
 
 
-def _is_rank_zero() -> bool:
-    """Rank 0 of a distributed run (or a single process): the one that writes the pipeline's files."""
+def _rank() -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
-    return getattr(rank_zero_only, "rank", 0) == 0
+    return int(getattr(rank_zero_only, "rank", 0))
+
+
+def _is_rank_zero() -> bool:
+    """Rank 0 of a distributed run (or a single process): the one that writes the pipeline's files."""
+    return _rank() == 0
 
 
 def _barrier() -> None:
