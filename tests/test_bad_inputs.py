@@ -445,6 +445,11 @@ def test_truncated_or_corrupt_checkpoint(retrieval_ckpt: Path, tmp_path: Path, d
         with pytest.raises(HandoffError) as err:
             build()
         assert f"'{bad}'" in str(err.value) and message in str(err.value)
+    if damage != "not_a_lightning_checkpoint":  # third-party weight files (PANNs / AST) too
+        from aac_lightning.nn.audio_encoders import load_checkpoint_file
+
+        with pytest.raises(ValueError, match=re.escape(str(bad))):
+            load_checkpoint_file(bad)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         tiny_module(init_from=str(tmp_path / "absent.ckpt"))
 

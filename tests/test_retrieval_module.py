@@ -117,6 +117,20 @@ def test_temperature_has_no_weight_decay_and_is_clamped(synth_root: Path, tmp_pa
     assert module.model.log_logit_scale.item() == pytest.approx(math.log(100.0), rel=1e-6)
 
 
+def test_text_lr_applies_to_the_text_encoder_only():
+    module = tiny_module(lr=1e-3, text_lr=5e-5)
+    module.trainer = type("T", (), {"estimated_stepping_batches": 10, "max_epochs": 1})()  # what configure_optimizers reads
+    optimizer = module.configure_optimizers()["optimizer"]
+    lr_of = {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}  # peak lr (before warm-up)
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    assert len(lr_of) == sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)  # each once
+    for name, param in trainable:
+        assert lr_of[id(param)] == (5e-5 if name.startswith("model.text_encoder.") else 1e-3), name
+    default = tiny_module(lr=1e-3)
+    default.trainer = module.trainer
+    assert {g["initial_lr"] for g in default.configure_optimizers()["optimizer"].param_groups} == {1e-3}
+
+
 def test_cli_fit_runs_the_demo_configs(tmp_path: Path, synth_root: Path):
     """Both contrastive demo configs go through the real CLI (fast_dev_run), outputs under tmp_path."""
     args = [*demo_config_overrides(tmp_path, synth_root), f"--model.init_args.audio_encoder_kwargs={TINY_AUDIO}".replace("'", '"')]

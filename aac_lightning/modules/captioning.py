@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from aac_lightning.data.text import Vocabulary, normalize_caption
+from aac_lightning.data.text import Vocabulary, normalize_caption, tokenize_caption
 from aac_lightning.features import FeatureCache, state_dict_sha256
 from aac_lightning.metrics.cider import cider_d
 from aac_lightning.modules.base import (
@@ -68,6 +69,19 @@ def extractor_from_checkpoint(path: str, module: AACModule) -> tuple[dict[str, A
     return arch, state
 
 
+def vocabulary_mismatch_message(first: Vocabulary, first_source: str, second: Vocabulary, second_source: str) -> str:
+    """What differs between two vocabularies: both sources, their sizes and the first differing entries."""
+    differing = [
+        f"#{i} {first.words[i] if i < len(first) else None!r} vs {second.words[i] if i < len(second) else None!r}"
+        for i in range(max(len(first), len(second)))
+        if i >= len(first) or i >= len(second) or first.words[i] != second.words[i]
+    ]
+    return (
+        f"the vocabulary of {first_source} ({len(first)} words) differs from the vocabulary of {second_source} "
+        f"({len(second)} words); first differing entries: {', '.join(differing[:5])}"
+    )
+
+
 class CaptioningXE(AACModule):
     """Captioner trained with label-smoothed cross-entropy and scheduled sampling (report Section 2.2).
 
@@ -92,6 +106,15 @@ class CaptioningXE(AACModule):
         beam_size: beam of the evaluation decoding; max_decode_length: longest decoded caption.
         init_from: an `xe` / `scst` checkpoint whose captioner weights start this run (weights only, strict);
             without `extractor_ckpt` its frozen extractor and, without `vocabulary`, its vocabulary are kept.
+        nonfinite_loss: `error` (raise on a NaN/inf training loss) or `skip` (skip the step, counted
+            and logged); see `AACModule`.
+
+    **Vocabulary.** A vocabulary that comes with the model (from `init_from`, from the checkpoint a fit
+    resumes (`ckpt_path`), or the `vocabulary` argument) is authoritative: the datamodule encodes the
+    captions with it, words it lacks become `<unk>`, and how many caption words that concerns is
+    logged once. A vocabulary the datamodule was given explicitly (`data.vocabulary_path`) must equal
+    it, else setup raises an error naming both sources, their sizes and the first differing entries.
+    Without one, the model takes the datamodule's vocabulary (built from the training captions).
     """
 
     kind = "xe"
@@ -117,8 +140,9 @@ class CaptioningXE(AACModule):
         beam_size: int = 3,
         max_decode_length: int = 30,
         init_from: str | None = None,
+        nonfinite_loss: str = "error",
     ):
-        super().__init__()
+        super().__init__(nonfinite_loss=nonfinite_loss)
         for name, value in (("teacher_forcing_start", teacher_forcing_start), ("teacher_forcing_end", teacher_forcing_end)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
@@ -139,8 +163,12 @@ class CaptioningXE(AACModule):
             if extractor is not None and extractor != arch:
                 raise ValueError(f"extractor={extractor} differs from the architecture of the handed-over checkpoint: {arch}")
             extractor = arch
+        # Where the model's vocabulary comes from, for messages ("checkpoint '...'" marks a checkpoint's).
+        self._vocabulary_source: str | None = "the model argument `vocabulary`" if vocabulary is not None else None
         if vocabulary is None and init_ckpt is not None:
             vocabulary = init_ckpt["hyper_parameters"].get("vocabulary")
+            if vocabulary is not None:
+                self._vocabulary_source = f"checkpoint '{init_from}'"
         self.save_hyperparameters()
         self.hparams["vocabulary"] = vocabulary
         self.hparams["extractor"] = extractor
@@ -188,9 +216,11 @@ class CaptioningXE(AACModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if self.vocab is None:
+            # A fit that resumes a checkpoint replaces this vocabulary with the checkpoint's in
+            # `on_load_checkpoint` (Lightning restores the checkpoint after `setup`).
             if datamodule is None or not hasattr(datamodule, "vocabulary"):
                 raise ValueError("CaptioningXE needs `vocabulary` or a datamodule with a `vocabulary`")
-            vocab = datamodule.vocabulary
+            vocab, self._vocabulary_source = datamodule.vocabulary, "the datamodule"
             if self.model is None:
                 self._build_captioner(vocab)
             elif self.model.vocab_size != len(vocab):  # built from `vocab_size` alone
@@ -198,12 +228,69 @@ class CaptioningXE(AACModule):
             self.vocab = vocab
             self.hparams["vocabulary"] = list(vocab.words)  # the checkpoint carries it
             self.hparams["vocab_size"] = len(vocab)
-        elif stage == "fit" and datamodule is not None and hasattr(datamodule, "vocabulary") and self.vocab is not None:
-            # Training tokens come from the datamodule's vocabulary: it must be the model's.
-            if datamodule.vocabulary != self.vocab:
-                raise ValueError("the datamodule's vocabulary differs from the model's; pass data.vocabulary_path")
+        elif datamodule is not None and hasattr(datamodule, "vocabulary"):
+            # The model already has a vocabulary (handoff, argument, an earlier fit): the data follow it.
+            self._share_vocabulary(datamodule, stage)
         if self.hparams.feature_cache_dir is not None and datamodule is not None:
             self._prepare_feature_cache(datamodule, stage)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming (`ckpt_path`): the checkpoint's vocabulary replaces one taken from the datamodule."""
+        super().on_load_checkpoint(checkpoint)
+        words = (checkpoint.get("hyper_parameters") or {}).get("vocabulary")
+        if words is None or self.vocab is None:
+            return
+        vocab = Vocabulary(words)
+        if vocab == self.vocab:
+            return
+        trainer = self._trainer
+        source = f"checkpoint '{trainer.ckpt_path}'" if trainer is not None and trainer.ckpt_path is not None else "the checkpoint"
+        if self._vocabulary_source != "the datamodule":  # the model's own vocabulary cannot change
+            raise HandoffError(vocabulary_mismatch_message(vocab, source, self.vocab, self._vocabulary_source or "the model"))
+        # Called before the weights are loaded and the optimizer is built: rebuild the captioner for them.
+        self.hparams["vocab_size"] = None
+        self._build_captioner(vocab)
+        self._vocabulary_source = source
+        self.hparams["vocabulary"] = list(vocab.words)
+        self.hparams["vocab_size"] = len(vocab)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "vocabulary"):
+            self._share_vocabulary(datamodule, "fit" if trainer.state.fn == "fit" else "evaluation")
+
+    def _share_vocabulary(self, datamodule, stage: str) -> None:
+        """Make the datamodule encode captions with the model's vocabulary (or check its explicit one)."""
+        explicit_path = getattr(datamodule, "vocabulary_path", None)
+        if explicit_path is not None or not hasattr(datamodule, "_vocabulary"):
+            given = datamodule.vocabulary
+            if given != self.vocab:
+                if explicit_path is not None:
+                    data_source = f"data.vocabulary_path '{explicit_path}'"
+                    hint = "; leave data.vocabulary_path unset to encode the data with the model's vocabulary"
+                else:
+                    data_source, hint = f"the datamodule {type(datamodule).__name__}", ""
+                raise ValueError(vocabulary_mismatch_message(given, data_source, self.vocab, self._vocabulary_source or "the model") + hint)
+            return
+        # The datamodule would build its own vocabulary from the training captions: it encodes with the
+        # model's instead (CaptioningDataModule caches its vocabulary in `_vocabulary`).
+        datamodule._vocabulary = self.vocab
+        if stage == "fit" and hasattr(datamodule, "clips"):
+            self._report_unknown_words(datamodule.clips("train").captions)
+
+    def _report_unknown_words(self, captions: list[list[str]]) -> tuple[int, int]:
+        """Count (and log once) the training caption words missing from the model's vocabulary."""
+        counts = Counter(word for caps in captions for caption in caps for word in tokenize_caption(caption))
+        unknown = Counter({word: n for word, n in counts.items() if word not in self.vocab.index})
+        missing, total = sum(unknown.values()), sum(counts.values())
+        self.unknown_caption_words = (missing, total)
+        if missing and (self._trainer is None or self.trainer.is_global_zero):
+            kind = "checkpoint" if (self._vocabulary_source or "").startswith("checkpoint") else "model"
+            examples = ", ".join(repr(w) for w, _ in sorted(unknown.items(), key=lambda item: (-item[1], item[0]))[:5])
+            log.warning(
+                "%d of %d caption words are not in the %s vocabulary (e.g. %s; %d distinct) and are encoded as <unk>; "
+                "vocabulary of %s, %d words",
+                missing, total, kind, examples, len(unknown), self._vocabulary_source, len(self.vocab),
+            )
+        return missing, total
 
     def frontend_settings(self) -> dict[str, Any]:
         """What determines the features besides the weights."""
@@ -260,11 +347,12 @@ class CaptioningXE(AACModule):
             ignore_index=Vocabulary.pad_id,
             label_smoothing=self.hparams.label_smoothing,
         )
+        loss = self.checked_loss(loss, batch_idx)
+        if self.skipping_step:  # non-finite on some rank, nonfinite_loss="skip": a zero stand-in
+            return loss
         batch_size = tokens.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("train/teacher_forcing", ratio, batch_size=batch_size)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at global step {self.global_step}")
         return loss
 
     def configure_optimizers(self):

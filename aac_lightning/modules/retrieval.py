@@ -33,12 +33,19 @@ class ContrastiveRetrieval(AACModule):
         embed_dim: size of the shared embedding space.
         init_temperature: initial softmax temperature (trainable, logit scale clamped at 100).
         lr: peak learning rate of Adam (1e-4 pre-training, 2e-5 fine-tuning).
+        text_lr: peak learning rate of the text encoder's parameters (`None`: `lr`, the report's
+            setting). Lower it when the audio encoder starts from scratch at a high `lr`, so the
+            pretrained text encoder is not washed out (the demo: 1e-3 and 5e-5).
         weight_decay: Adam weight decay (never applied to the temperature).
         warmup_epochs: epochs of linear warm-up before the cosine decay.
         gather_negatives: under DDP, use the global batch as negatives.
         mask_same_clip: captions of the same clip in a batch are not each other's negatives.
         init_from: a contrastive checkpoint whose weights start this run (fine-tuning; weights only,
             strict). Resuming the same run uses the trainer's `ckpt_path` instead.
+        nonfinite_loss: `error` (raise on a NaN/inf training loss) or `skip` (skip the step, counted
+            and logged); see `AACModule`.
+
+    The logged `train/loss` is the mean over DDP ranks, i.e. eq. 6 on the global batch.
     """
 
     kind = "contrastive"
@@ -56,13 +63,15 @@ class ContrastiveRetrieval(AACModule):
         embed_dim: int = 1024,
         init_temperature: float = 0.07,
         lr: float = 1e-4,
+        text_lr: float | None = None,
         weight_decay: float = 0.0,
         warmup_epochs: float = 1.0,
         gather_negatives: bool = True,
         mask_same_clip: bool = True,
         init_from: str | None = None,
+        nonfinite_loss: str = "error",
     ):
-        super().__init__()
+        super().__init__(nonfinite_loss=nonfinite_loss)
         self.save_hyperparameters()
         audio = load_audio_encoder(audio_encoder, audio_checkpoint, **(audio_encoder_kwargs or {}))
         text = TextEncoder(text_encoder, pretrained=text_pretrained, max_length=text_max_length, pooling=text_pooling)
@@ -86,12 +95,13 @@ class ContrastiveRetrieval(AACModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.model(batch["audio"], batch["captions"], batch["audio_lengths"])
         clip_ids = batch["clip_ids"] if self.hparams.mask_same_clip else None
-        loss = self.loss_fn(out["audio_emb"], out["text_emb"], out["logit_scale"], clip_ids)
+        loss = self.checked_loss(self.loss_fn(out["audio_emb"], out["text_emb"], out["logit_scale"], clip_ids), batch_idx)
+        if self.skipping_step:  # non-finite on some rank, nonfinite_loss="skip": a zero stand-in
+            return loss
         batch_size = len(batch["captions"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        # Each rank's loss is its share of the gathered InfoNCE; their mean is the global-batch loss.
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("train/temperature", 1.0 / out["logit_scale"].detach(), batch_size=batch_size)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at global step {self.global_step}")
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -99,12 +109,15 @@ class ContrastiveRetrieval(AACModule):
 
     def configure_optimizers(self):
         no_decay = set(self.model.no_weight_decay_parameter_names(prefix="model."))
-        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for n, p in params if n not in no_decay], "weight_decay": self.hparams.weight_decay},
-            {"params": [p for n, p in params if n in no_decay], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.Adam(groups, lr=self.hparams.lr)
+        text_lr = self.hparams.lr if self.hparams.text_lr is None else self.hparams.text_lr
+        groups = []
+        for is_text, lr in ((False, self.hparams.lr), (True, text_lr)):
+            params = [(n, p) for n, p in self.named_parameters() if p.requires_grad and n.startswith("model.text_encoder.") == is_text]
+            groups += [
+                {"params": [p for n, p in params if n not in no_decay], "weight_decay": self.hparams.weight_decay, "lr": lr},
+                {"params": [p for n, p in params if n in no_decay], "weight_decay": 0.0, "lr": lr},
+            ]
+        optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=self.hparams.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)
         warmup = int(round(self.hparams.warmup_epochs * total / epochs))
@@ -144,8 +157,10 @@ class ContrastiveRetrieval(AACModule):
             for key in ("audio_emb", "clip_ids", "text_emb", "caption_clip")
         }
         if is_distributed():
-            for key, count_key in (("audio_emb", "audio_emb"), ("clip_ids", "audio_emb"), ("text_emb", "text_emb"), ("caption_clip", "text_emb")):
-                sizes = all_gather_sizes(cat[count_key].shape[0], self.device)
+            # Every rank's local row counts, taken before any tensor is replaced by its gathered version.
+            clip_sizes = all_gather_sizes(cat["audio_emb"].shape[0], self.device)
+            caption_sizes = all_gather_sizes(cat["text_emb"].shape[0], self.device)
+            for key, sizes in (("audio_emb", clip_sizes), ("clip_ids", clip_sizes), ("text_emb", caption_sizes), ("caption_clip", caption_sizes)):
                 cat[key] = all_gather_tensor(cat[key].contiguous(), sizes)
         return cat
 

@@ -12,7 +12,7 @@ import torch
 
 from aac_lightning.data.text import normalize_caption
 from aac_lightning.metrics.cider import CiderDocumentFrequency, cider_d
-from aac_lightning.modules.base import read_checkpoint
+from aac_lightning.modules.base import check_nonfinite_loss_mode, read_checkpoint
 from aac_lightning.modules.captioning import CaptioningXE
 from aac_lightning.nn.decoding import greedy_decode, sample_decode
 
@@ -69,6 +69,7 @@ class CaptioningSCST(CaptioningXE):
         baseline: `greedy` or `mean`.
         cider_df: `corpus` or `batch`.
         sample_temperature: temperature of the sampling distribution.
+        nonfinite_loss: `error` or `skip` a step whose loss is NaN/inf (see `AACModule`).
         Other arguments as in `CaptioningXE`; label smoothing, teacher forcing and the warm-up/decay
         schedule are accepted (so an XE config can be reused) but unused.
     """
@@ -99,7 +100,9 @@ class CaptioningSCST(CaptioningXE):
         baseline: str = "greedy",
         cider_df: str = "corpus",
         sample_temperature: float = 1.0,
+        nonfinite_loss: str = "error",
     ):
+        check_nonfinite_loss_mode(nonfinite_loss)  # before init_from is read
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if baseline not in BASELINES:
@@ -136,6 +139,7 @@ class CaptioningSCST(CaptioningXE):
             beam_size=beam_size,
             max_decode_length=max_decode_length,
             init_from=init_from,
+            nonfinite_loss=nonfinite_loss,
         )
         for name in ARCHITECTURE_ARGUMENTS:  # the checkpoint records the architecture actually built
             self.hparams[name] = arch[name]
@@ -238,11 +242,11 @@ class CaptioningSCST(CaptioningXE):
             baseline = leave_one_out_mean(reward_sample, k)
 
         advantages = reward_sample - baseline  # (C * K,)
-        loss = scst_loss(sampled.log_probs, sampled.mask, advantages)
+        loss = self.checked_loss(scst_loss(sampled.log_probs, sampled.mask, advantages), batch_idx)
+        if self.skipping_step:  # non-finite on some rank, nonfinite_loss="skip": a zero stand-in
+            return loss
         size = len(clip_ids)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
         self.log("train/reward_sample", reward_sample.mean(), prog_bar=True, batch_size=size)
         self.log("train/advantage", advantages.mean(), batch_size=size)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite SCST loss {loss.item()} at global step {self.global_step}")
         return loss

@@ -130,6 +130,8 @@ def load_checkpoint_file(path: str | Path, trust_checkpoint: bool = False) -> An
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         pass
+    except (RuntimeError, EOFError, OSError) as error:  # truncated, empty, or not a torch file
+        raise ValueError(f"checkpoint {path} cannot be read: truncated or not a torch checkpoint ({error!r})") from error
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
