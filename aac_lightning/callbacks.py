@@ -19,14 +19,15 @@ class LatestCheckpoint(ModelCheckpoint):
     so a run killed while saving keeps the previous complete `last.ckpt`.
 
     Args:
-        dirpath: folder of `last.ckpt`.
+        dirpath: folder of `last.ckpt`; `None`: the folder of the trainer's other ModelCheckpoint
+            that names one (the best checkpoints), else Lightning's default checkpoint folder.
     """
 
     FILE_NAME = "last"
 
-    def __init__(self, dirpath: str | os.PathLike) -> None:
+    def __init__(self, dirpath: str | os.PathLike | None = None) -> None:
         super().__init__(
-            dirpath=str(dirpath),
+            dirpath=None if dirpath is None else str(dirpath),
             filename=self.FILE_NAME,
             monitor=None,
             save_top_k=1,
@@ -35,10 +36,17 @@ class LatestCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            others = [cb.dirpath for cb in trainer.checkpoint_callbacks if cb is not self and cb.dirpath]
+            if others:
+                self.dirpath = others[0]
+        super().setup(trainer, pl_module, stage)
+
     @property
     def state_key(self) -> str:
-        # distinct from any ModelCheckpoint of the config, even one without a monitor
-        return f"LatestCheckpoint{{'dirpath': {self.dirpath!r}}}"
+        # distinct from any ModelCheckpoint of the config, even one without a monitor; one per trainer
+        return "LatestCheckpoint"
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         partial = f"{filepath}.partial"

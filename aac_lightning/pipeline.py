@@ -583,6 +583,8 @@ def _pipeline_callback_specs(specs: Any, checkpoint_dir: Path) -> list[Any]:
     """The config's callbacks as the pipeline runs them (mirrors what `_run_training` does to the trainer)."""
     out = []
     for spec in specs or []:
+        if isinstance(spec, dict) and str(spec.get("class_path", "")).endswith("LatestCheckpoint"):
+            continue  # replaced by the pipeline's own, in the stage folder
         if _is_model_checkpoint(spec):
             init_args = dict(spec.get("init_args") or {})
             if not init_args.get("monitor"):
