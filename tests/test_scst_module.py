@@ -180,7 +180,8 @@ def test_scst_config_switches_any_xe_config_to_scst(name: str, decoder: str, cap
     assert (init["lr"], init["num_samples"], init["baseline"], init["cider_df"], init["beam_size"]) == (5e-5, 5, "greedy", "corpus", 3)
     assert init["init_from"] == "xe.ckpt" and init["extractor_ckpt"] is None
     assert config["trainer"]["max_epochs"] == 100
-    assert [c["init_args"]["dirpath"] for c in config["trainer"]["callbacks"]] == ["runs/scst/checkpoints"]
+    callbacks = [(c["class_path"].rpartition(".")[2], c["init_args"]["dirpath"]) for c in config["trainer"]["callbacks"]]
+    assert callbacks == [("LatestCheckpoint", None), ("ModelCheckpoint", "runs/scst/checkpoints")]  # last.ckpt next to the best
 
 
 def greedy_train_cider(module: CaptioningSCST, dm: CaptioningDataModule) -> float:
