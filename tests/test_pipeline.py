@@ -240,3 +240,23 @@ def test_wandb_offline_run_per_stage_with_group_job_type_config_and_tables(synth
     loggers = yaml.safe_load((work / "pretrain" / "config.yaml").read_text(encoding="utf-8"))["trainer"]["logger"]
     assert [spec["class_path"].rpartition(".")[2] for spec in loggers] == ["CSVLogger", "WandbLogger"]
     assert loggers[1]["init_args"]["group"] == group and loggers[1]["init_args"]["job_type"] == "contrastive"
+
+
+@pytest.mark.ddp
+def test_pipeline_under_lightning_ddp_with_two_cpu_processes(synth_root: Path, tmp_path: Path):
+    """Lightning's launcher re-runs the command per rank; rank 0 writes, the others follow the handoffs."""
+    data = {"data.init_args.clotho_root": str(synth_root)}
+    stages = contrastive_stages(synth_root) + [
+        {"name": "xe", "configs": [str(CONF / "xe.yaml")], "set": {**data, "model.init_args.feature_cache_dir": "${workdir}/cache", **TINY_CAPTIONER}, "handoff": {"model.init_args.extractor_ckpt": "finetune"}},
+    ]
+    recipe = write_recipe(tmp_path / "recipe.yaml", stages)
+    command = [*_pipeline_command(recipe, tmp_path / "work"), "--trainer.max_epochs=1", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in run.stderr + run.stdout  # it really ran two processes
+    results = json.loads((tmp_path / "work" / "results.json").read_text(encoding="utf-8"))["stages"]
+    assert list(results) == ["pretrain", "finetune", "xe"]
+    assert yaml.safe_load((tmp_path / "work" / "xe" / "config.yaml").read_text(encoding="utf-8"))["model"]["init_args"]["extractor_ckpt"] == str(tmp_path / "work" / "finetune" / "best.ckpt")
+    assert read_checkpoint(tmp_path / "work" / "finetune" / "last.ckpt")["epoch"] == 0
+    assert len(list((tmp_path / "work" / "cache").glob("*.h5"))) == 1

@@ -271,10 +271,9 @@ class AudioCaptionDataModule(pl.LightningDataModule):
         if "clotho" not in self.train_sources or not self.resplit:
             return
         trainer = self.trainer
-        if trainer is not None and trainer.global_rank != 0:
-            return
+        # `trainer.log_dir` is a collective (a broadcast) under DDP: every rank must ask for it.
         out_dir = self.split_dir or (trainer.log_dir if trainer is not None else None)
-        if out_dir is None:
+        if out_dir is None or (trainer is not None and trainer.global_rank != 0):
             return
         train_keys, val_keys = self.clotho_resplit()
         meta = {"seed": self.resplit_seed, "train_fraction": self.resplit_train_fraction, "clotho_root": str(self.roots["clotho"])}
