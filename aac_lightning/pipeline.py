@@ -288,7 +288,8 @@ def _architecture_tags(config: dict[str, Any]) -> list[str]:
     for key in ("audio_encoder", "text_encoder", "decoder"):
         value = init.get(key)
         if isinstance(value, str) and value:
-            tags.append(f"{key}:{value}")
+            # a local folder or hub id counts by its last part; W&B tags hold at most 64 characters
+            tags.append(f"{key}:{Path(value).name or value}"[:64])
     return tags
 
 

@@ -87,3 +87,28 @@ def demo_config_overrides(tmp_path: Path, data_root: Path) -> list[str]:
         f"--data.init_args.clotho_root={data_root}",
         "--data.init_args.batch_size=4",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder(tmp_path_factory) -> str:
+    """A local BERT folder with MiniLM's tokenizer and a tiny random model (hidden 16, one layer).
+
+    For tests that run whole stages many times: checkpoints of a few MB instead of the ~270 MB of the
+    real MiniLM with its Adam state, through the same `from_pretrained` path.
+    """
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from aac_lightning.nn.text_encoders import minilm_path
+
+    out = tmp_path_factory.mktemp("tiny_text_encoder")
+    source = Path(minilm_path())
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, out / name)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+    BertModel(config).save_pretrained(out, safe_serialization=True)
+    return str(out)

@@ -36,11 +36,13 @@ TINY_CAPTIONER = {
 TRAINER = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
-def contrastive_stages(data_root: Path) -> list[dict]:
+def contrastive_stages(data_root: Path, text_encoder: str | None = None) -> list[dict]:
+    """Pre-training -> fine-tuning; `text_encoder` (a local folder) replaces the demo's MiniLM."""
     data = {"data.init_args.clotho_root": str(data_root)}
+    model = {**TINY_RETRIEVAL, **({"model.init_args.text_encoder": text_encoder} if text_encoder else {})}
     return [
-        {"name": "pretrain", "configs": [str(CONF / "contrastive_pretrain.yaml")], "set": {**data, **TINY_RETRIEVAL}},
-        {"name": "finetune", "configs": [str(CONF / "contrastive_finetune.yaml")], "set": {**data, **TINY_RETRIEVAL}, "handoff": {"model.init_args.init_from": "pretrain"}},
+        {"name": "pretrain", "configs": [str(CONF / "contrastive_pretrain.yaml")], "set": {**data, **model}},
+        {"name": "finetune", "configs": [str(CONF / "contrastive_finetune.yaml")], "set": {**data, **model}, "handoff": {"model.init_args.init_from": "pretrain"}},
     ]
 
 
@@ -50,12 +52,12 @@ def write_recipe(path: Path, stages: list[dict], name: str = "tiny") -> Path:
 
 
 @pytest.fixture(scope="module")
-def full_run(synth_root: Path, tmp_path_factory) -> Path:
+def full_run(synth_root: Path, tiny_text_encoder: str, tmp_path_factory) -> Path:
     """All stage kinds: pre-train -> fine-tune -> XE -> SCST, plus a retrieval and a caption 'ensemble' of one."""
     tmp = tmp_path_factory.mktemp("pipeline")
     data = {"data.init_args.clotho_root": str(synth_root)}
     cache = {"model.init_args.feature_cache_dir": "${workdir}/feature_cache"}
-    stages = contrastive_stages(synth_root) + [
+    stages = contrastive_stages(synth_root, tiny_text_encoder) + [
         {"name": "xe", "configs": [str(CONF / "xe.yaml")], "set": {**data, **cache, **TINY_CAPTIONER}, "handoff": {"model.init_args.extractor_ckpt": "finetune"}},
         {"name": "scst", "configs": [str(CONF / "scst.yaml")], "set": {**data, **cache, "data.init_args.batch_size": 4}, "handoff": {"model.init_args.init_from": "xe"}},
         {"name": "retrieval_single", "kind": "retrieval_ensemble", "members": ["finetune"], "clotho_root": str(synth_root)},
@@ -132,8 +134,8 @@ def _pipeline_command(recipe: Path, workdir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_mid_stage_the_rerun_resumes_and_ends_with_the_uninterrupted_weights(synth_root: Path, tmp_path: Path):
-    recipe = write_recipe(tmp_path / "recipe.yaml", contrastive_stages(synth_root))
+def test_killed_mid_stage_the_rerun_resumes_and_ends_with_the_uninterrupted_weights(synth_root: Path, tiny_text_encoder: str, tmp_path: Path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", contrastive_stages(synth_root, tiny_text_encoder))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0"}
     reference = tmp_path / "reference"
     subprocess.run(_pipeline_command(recipe, reference), check=True, cwd=REPO, env=env, capture_output=True)
@@ -219,10 +221,10 @@ def test_trainer_overrides_are_collected_for_every_stage():
         parse_overrides(build_parser(), ["r.yaml", "--workdir", "w", "stray"])
 
 
-def test_wandb_offline_run_per_stage_with_group_job_type_config_and_tables(synth_root: Path, tmp_path: Path, monkeypatch):
+def test_wandb_offline_run_per_stage_with_group_job_type_config_and_tables(synth_root: Path, tiny_text_encoder: str, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    recipe = write_recipe(tmp_path / "recipe.yaml", contrastive_stages(synth_root)[:1], name="wandbcheck")
+    recipe = write_recipe(tmp_path / "recipe.yaml", contrastive_stages(synth_root, tiny_text_encoder)[:1], name="wandbcheck")
     work = tmp_path / "work"
     main(["pipeline", str(recipe), "--workdir", str(work), "--loggers", "wandb,csv", "--trainer.max_epochs=1", *TRAINER])
     group = json.loads((work / "pipeline.json").read_text(encoding="utf-8"))["group"]
@@ -230,7 +232,7 @@ def test_wandb_offline_run_per_stage_with_group_job_type_config_and_tables(synth
     runs = list((work / "pretrain" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     records = next(runs[0].glob("run-*.wandb")).read_bytes()
-    for expected in (group, "contrastive", "pretrain", "audio_encoder:cnn14", "text_encoder:minilm-l6", "model.init_args.embed_dim"):
+    for expected in (group, "contrastive", "pretrain", "audio_encoder:cnn14", f"text_encoder:{Path(tiny_text_encoder).name}", "model.init_args.embed_dim"):
         assert expected.encode() in records, expected
     table = next(runs[0].glob("files/media/table/test/retrieval_examples*.table.json"))
     data = json.loads(table.read_text(encoding="utf-8"))
@@ -243,10 +245,10 @@ def test_wandb_offline_run_per_stage_with_group_job_type_config_and_tables(synth
 
 
 @pytest.mark.ddp
-def test_pipeline_under_lightning_ddp_with_two_cpu_processes(synth_root: Path, tmp_path: Path):
+def test_pipeline_under_lightning_ddp_with_two_cpu_processes(synth_root: Path, tiny_text_encoder: str, tmp_path: Path):
     """Lightning's launcher re-runs the command per rank; rank 0 writes, the others follow the handoffs."""
     data = {"data.init_args.clotho_root": str(synth_root)}
-    stages = contrastive_stages(synth_root) + [
+    stages = contrastive_stages(synth_root, tiny_text_encoder) + [
         {"name": "xe", "configs": [str(CONF / "xe.yaml")], "set": {**data, "model.init_args.feature_cache_dir": "${workdir}/cache", **TINY_CAPTIONER}, "handoff": {"model.init_args.extractor_ckpt": "finetune"}},
     ]
     recipe = write_recipe(tmp_path / "recipe.yaml", stages)

@@ -48,7 +48,7 @@ class StepMarker(pl.Callback):
             time.sleep(600)
 
 
-def _launch(synth_root: Path, run_dir: Path, *extra: str, block: bool = False) -> subprocess.Popen:
+def _launch(synth_root: Path, text_encoder: str, run_dir: Path, *extra: str, block: bool = False) -> subprocess.Popen:
     """Start `aac_lightning fit` on the demo config, every output under `run_dir`."""
     callbacks = {
         "trainer": {
@@ -79,6 +79,7 @@ def _launch(synth_root: Path, run_dir: Path, *extra: str, block: bool = False) -
         f"--model.init_args.audio_encoder_kwargs={json.dumps(TINY_AUDIO)}",
         "--model.init_args.embed_dim=8",
         "--model.init_args.text_max_length=16",
+        f"--model.init_args.text_encoder={text_encoder}",
         f"--data.init_args.clotho_root={synth_root}",
         "--data.init_args.batch_size=8",
         "--data.init_args.eval_batch_size=8",
@@ -110,11 +111,11 @@ def _wait(process: subprocess.Popen, run_dir: Path, timeout_s: float = 400.0) ->
 
 
 @pytest.mark.slow  # three CLI runs end to end
-def test_killed_and_resumed_run_equals_uninterrupted_run(synth_root: Path, tmp_path: Path):
+def test_killed_and_resumed_run_equals_uninterrupted_run(synth_root: Path, tiny_text_encoder: str, tmp_path: Path):
     uninterrupted_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     # The two first runs go side by side (two cores).
-    uninterrupted = _launch(synth_root, uninterrupted_dir)
-    killed = _launch(synth_root, killed_dir, block=True)
+    uninterrupted = _launch(synth_root, tiny_text_encoder, uninterrupted_dir)
+    killed = _launch(synth_root, tiny_text_encoder, killed_dir, block=True)
     marker = killed_dir / "markers" / f"e{KILL_EPOCH}-b{KILL_AFTER_BATCH}"
     deadline = time.monotonic() + 400
     while not marker.exists():
@@ -133,7 +134,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(synth_root: Path, tmp_p
     resume_from.write_bytes(last.read_bytes())
 
     resumed_dir = tmp_path / "resumed"
-    resumed = _launch(synth_root, resumed_dir, f"--ckpt_path={resume_from}")
+    resumed = _launch(synth_root, tiny_text_encoder, resumed_dir, f"--ckpt_path={resume_from}")
     _wait(uninterrupted, uninterrupted_dir)
     _wait(resumed, resumed_dir)
     # the resumed run trained epoch 1 only, from its first step
