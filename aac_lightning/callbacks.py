@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -54,8 +53,3 @@ class LatestCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             os.replace(partial, filepath)
         trainer.strategy.barrier("latest-checkpoint")
-
-    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        # the previous `last.ckpt` is replaced by the rename, never deleted first
-        if Path(filepath).name != f"{self.FILE_NAME}{self.FILE_EXTENSION}":
-            super()._remove_checkpoint(trainer, filepath)

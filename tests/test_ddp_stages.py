@@ -248,6 +248,18 @@ def assert_same_metrics(distributed: dict[str, float], single: dict[str, float],
 
 
 # ---------------------------------------------------------------------------------------------- tests
+def assert_captioner_validates_like_one_process(ddp_run: dict[str, Any], ranks: list[dict], cls: type, stage: str) -> None:
+    """The saved captioner holds the ranks' weights, and its CIDEr-D over the 2 ranks equals one process."""
+    single_dir = ddp_run["base"] / f"single_{stage}"
+    module = cls.load_from_checkpoint(ddp_run["out"] / f"{stage}.ckpt", map_location="cpu", weights_only=True)
+    assert_same_weights(weights(module), ranks[0]["weights"])
+    dm = CaptioningDataModule(**data_kwargs(ddp_run["root"], single_dir, ddp=False))
+    single_val = make_trainer(single_dir, False).validate(module, datamodule=dm, verbose=False)[0]
+    assert_same_metrics(ranks[0]["val"], single_val, "val/cider_d")
+    assert single_val["val/cider_d"] > 0  # captions that score: not an equality of zeros
+    assert ranks[0]["val"] == ranks[1]["val"]
+
+
 @pytest.mark.ddp
 def test_contrastive_ddp_equals_one_process_on_the_global_batch(ddp_run: dict[str, Any]):
     ranks = [r["contrastive"] for r in ddp_run["ranks"]]
@@ -301,14 +313,7 @@ def test_xe_ddp_writes_the_cache_once_and_evaluates_like_one_process(ddp_run: di
         assert rank["steps"][XE_NAN_STEP]["logged"]["train/nonfinite_skipped"] == 1.0
     assert_same_weights(ranks[0]["weights"], ranks[1]["weights"])
     # validation CIDEr-D over the ranks equals one process decoding all validation clips
-    single_dir = ddp_run["base"] / "single_xe"
-    module = CaptioningXE.load_from_checkpoint(ddp_run["out"] / "xe.ckpt", map_location="cpu", weights_only=True)
-    assert_same_weights(weights(module), ranks[0]["weights"])
-    dm = CaptioningDataModule(**data_kwargs(ddp_run["root"], single_dir, ddp=False))
-    single_val = make_trainer(single_dir, False).validate(module, datamodule=dm, verbose=False)[0]
-    assert_same_metrics(ranks[0]["val"], single_val, "val/cider_d")
-    assert single_val["val/cider_d"] > 0  # captions that score: not an equality of zeros
-    assert ranks[0]["val"] == ranks[1]["val"]
+    assert_captioner_validates_like_one_process(ddp_run, ranks, CaptioningXE, "xe")
 
 
 @pytest.mark.ddp
@@ -318,11 +323,4 @@ def test_scst_ddp_trains_in_lockstep_and_evaluates_like_one_process(ddp_run: dic
     assert_same_weights(ranks[0]["weights"], ranks[1]["weights"])
     xe = ddp_run["ranks"][0]["xe"]["weights"]
     assert any(not torch.equal(v, xe[k]) for k, v in ranks[0]["weights"].items() if k.startswith("model."))  # SCST did train
-    single_dir = ddp_run["base"] / "single_scst"
-    module = CaptioningSCST.load_from_checkpoint(ddp_run["out"] / "scst.ckpt", map_location="cpu", weights_only=True)
-    assert_same_weights(weights(module), ranks[0]["weights"])
-    dm = CaptioningDataModule(**data_kwargs(ddp_run["root"], single_dir, ddp=False))
-    single_val = make_trainer(single_dir, False).validate(module, datamodule=dm, verbose=False)[0]
-    assert_same_metrics(ranks[0]["val"], single_val, "val/cider_d")
-    assert single_val["val/cider_d"] > 0  # captions that score: not an equality of zeros
-    assert ranks[0]["val"] == ranks[1]["val"]
+    assert_captioner_validates_like_one_process(ddp_run, ranks, CaptioningSCST, "scst")
