@@ -1,6 +1,6 @@
 """aac_lightning: audio captioning and text-to-audio retrieval with PyTorch Lightning."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["Captioner", "Retriever", "__version__"]
 

@@ -47,7 +47,7 @@ from aac_lightning.features import state_dict_sha256
 from aac_lightning.metrics.retrieval import top_k_candidates
 from aac_lightning.modules.base import HandoffError, read_checkpoint
 from aac_lightning.nn.bi_encoder import BiEncoder
-from aac_lightning.nn.decoding import beam_search
+from aac_lightning.nn.decoding import DEFAULT_MAX_LENGTH
 from aac_lightning.retrieval_ensemble import RetrievalEnsemble
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class Captioner:
         checkpoints: str | os.PathLike | Sequence[str | os.PathLike],
         device: str | torch.device = "cpu",
         beam_size: int = 3,
-        max_length: int = 30,
+        max_length: int = DEFAULT_MAX_LENGTH,
     ) -> "Captioner":
         """Load one captioning checkpoint, or several as an ensemble (they must share the vocabulary)."""
         paths = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
@@ -226,18 +226,7 @@ class Captioner:
             frames = [clip[m] for clip in clips]
             features.append(pad_sequence(frames, batch_first=True))  # (B, T'max, D_m), zero-padded
             lengths.append(torch.tensor([f.shape[0] for f in frames], device=self.device))  # (B,)
-        vocab = self.ensemble.vocab
-        tokens = beam_search(  # one shared beam on the members' mean log-probabilities
-            [m.model for m in self.ensemble.captioners],
-            features,
-            lengths,
-            beam_size=self.ensemble.beam_size,
-            max_length=self.ensemble.max_length,
-            bos_id=vocab.bos_id,
-            eos_id=vocab.eos_id,
-            pad_id=vocab.pad_id,
-        )  # (B, L)
-        return vocab.decode_batch(tokens)
+        return self.ensemble.decode(features, lengths)  # one shared beam over the members
 
     def caption(
         self, audio: AudioInput, batch_size: int = 16, on_bad_audio: str = "error"
@@ -667,7 +656,9 @@ def caption_command(args: Sequence[str]) -> None:
     parser.add_argument("inputs", nargs="+", metavar="CKPT_OR_AUDIO", help="checkpoints (.ckpt), then audio files / folders")
     parser.add_argument("--out", help="also write the DCASE 2022 task 6a submission CSV (file_name,caption_predicted)")
     parser.add_argument("--beam-size", type=int, default=3, help="beam width (default 3)")
-    parser.add_argument("--max-length", type=int, default=30, help="longest caption in words (default 30)")
+    parser.add_argument(
+        "--max-length", type=int, default=DEFAULT_MAX_LENGTH, help=f"longest caption in words (default {DEFAULT_MAX_LENGTH}, the authors')"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="clips decoded at once (default 16)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--on-bad-audio", choices=ON_BAD_AUDIO, default="error",

@@ -8,6 +8,8 @@ under `DIR/<stage>/`:
     config.yaml          the merged config the stage ran with (LightningCLI's own format)
     checkpoints/         ModelCheckpoint's files (best-*.ckpt, last.ckpt)
     best.ckpt last.ckpt  the checkpoints later stages and users take (hard links when possible)
+    averaged.ckpt        where the stage averages its last epochs (`EpochWeightAveraging`): the mean
+                         weights, which are then the stage's checkpoint (tested, handed on)
     logs/                CSV (and TensorBoard) logs; wandb/ holds the W&B run files
     examples.json        sample captions or retrieval examples of the test set
     stage.json           written last: kind, checkpoint, test metrics; its presence marks the stage done
@@ -27,7 +29,8 @@ recipe's own `variables`, overridable with `--var NAME=VALUE`, are replaced in e
         set: {data.init_args.clotho_root: ${workdir}/data}
       - name: xe
         configs: [../conf/demo/xe.yaml]
-        handoff: {model.init_args.extractor_ckpt: pretrain}      # "<stage>" (best) or "<stage>:last"
+        handoff: {model.init_args.extractor_ckpt: pretrain}      # "<stage>": its checkpoint (averaged, else best);
+                                                                  # or "<stage>:best", ":last", ":averaged"
       - name: ensemble
         kind: retrieval_ensemble                                  # or caption_ensemble
         members: [pretrain]
@@ -57,6 +60,7 @@ TRAINING_KINDS = ("contrastive", "xe", "scst")
 ENSEMBLE_KINDS = ("retrieval_ensemble", "caption_ensemble")
 KIND_BY_CLASS = {"ContrastiveRetrieval": "contrastive", "CaptioningXE": "xe", "CaptioningSCST": "scst"}
 LOGGER_CHOICES = ("wandb", "csv", "tensorboard")
+HANDOFF_CHOICES = ("best", "last", "averaged")
 STAGE_KEYS = {"name", "kind", "configs", "set", "handoff", "members", "clotho_root", "subset", "tags", "description"}
 RECIPE_KEYS = {"name", "description", "variables", "synthetic_data", "stages"}
 SYNTH_KEYS = {"dir", "clips", "seed", "sample_rate"}
@@ -209,8 +213,10 @@ def load_recipe(path: str | Path, workdir: str | Path, variables: dict[str, str]
                 source_name = source.split(":")[0]
                 if source_name not in earlier:
                     raise RecipeError(f"{where}: handoff '{key}' names '{source}', which is not an earlier stage ({sorted(earlier)})")
-                if source.count(":") > 1 or (":" in source and source.split(":")[1] not in ("best", "last")):
-                    raise RecipeError(f"{where}: handoff '{key}': use '<stage>' or '<stage>:best' or '<stage>:last', got {source!r}")
+                if source.count(":") > 1 or (":" in source and source.split(":")[1] not in HANDOFF_CHOICES):
+                    raise RecipeError(
+                        f"{where}: handoff '{key}': use '<stage>' or '<stage>:best', '<stage>:last' or '<stage>:averaged', got {source!r}"
+                    )
         else:
             if not stage.members:
                 raise RecipeError(f"{where}: an ensemble stage needs 'members' (earlier stage names)")
@@ -370,7 +376,8 @@ class PipelineRunner:
         record = self.stage_record(name)
         if record is None:
             raise RuntimeError(f"stage '{name}' has not finished: its checkpoint cannot be handed on")
-        path = self.stage_dir(name) / f"{which or 'best'}.ckpt"
+        # Without a choice: the stage's own checkpoint (averaged.ckpt where the stage averages weights, else best.ckpt).
+        path = Path(record["checkpoint"]) if not which else self.stage_dir(name) / f"{which}.ckpt"
         if not path.is_file():
             raise FileNotFoundError(f"handoff checkpoint '{path}' of stage '{name}' is missing")
         return path
@@ -486,7 +493,7 @@ class PipelineRunner:
         return specs
 
     def _run_training(self, stage: Stage, group: str) -> dict[str, Any]:
-        from aac_lightning.callbacks import LatestCheckpoint
+        from aac_lightning.callbacks import EpochWeightAveraging, LatestCheckpoint
         from aac_lightning.cli import build_lightning_cli
         from aac_lightning.utils.preflight import preflight_trainer_outputs
 
@@ -523,11 +530,16 @@ class PipelineRunner:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
 
         best_path = Path(monitored[0].best_model_path) if monitored and monitored[0].best_model_path else last
+        # A stage that averages its last epochs' weights (the SJTU captioners) hands on the average.
+        averaged = next((cb.averaged_path for cb in trainer.callbacks if isinstance(cb, EpochWeightAveraging)), None)
         if trainer.is_global_zero:
             _link_or_copy(last, out / "last.ckpt")
             _link_or_copy(best_path, out / "best.ckpt")
+            if averaged is not None:
+                _link_or_copy(Path(averaged), out / "averaged.ckpt")
         trainer.strategy.barrier("pipeline-links")
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=str(out / "best.ckpt"))
+        checkpoint = out / ("averaged.ckpt" if averaged is not None else "best.ckpt")
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=str(checkpoint))
         metrics = normalize_metrics(stage.kind, results[0] if results else {})
         examples = self._examples(stage, model, datamodule) if trainer.is_global_zero else None
         if examples is not None:
@@ -536,7 +548,7 @@ class PipelineRunner:
         for logger in trainer.loggers:
             logger.finalize("success")
         _finish_wandb(trainer.loggers)
-        return {"kind": stage.kind, "checkpoint": str(out / "best.ckpt"), "last": str(out / "last.ckpt"), "metrics": metrics}
+        return {"kind": stage.kind, "checkpoint": str(checkpoint), "last": str(out / "last.ckpt"), "metrics": metrics}
 
     def _examples(self, stage: Stage, model, datamodule) -> dict[str, Any] | None:
         """Sample captions (captioners) or top-5 retrieved files for a few captions (bi-encoders)."""

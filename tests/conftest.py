@@ -85,7 +85,7 @@ def demo_config_overrides(tmp_path: Path, data_root: Path) -> list[str]:
         f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--trainer.callbacks.init_args.dirpath={tmp_path}/checkpoints",
         f"--data.init_args.clotho_root={data_root}",
-        "--data.init_args.batch_size=4",
+        "--data.init_args.global_batch_size=4",
     ]
 
 

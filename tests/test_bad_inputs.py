@@ -315,7 +315,7 @@ def test_very_long_caption_is_truncated(tmp_path: Path):
     names = ["a.wav", "b.wav"]
     subsets = {"development": names, "validation": ["v.wav"], "evaluation": ["e.wav"]}
     root = write_clotho(tmp_path, subsets, captions_for=lambda name: [long_caption] + [f"a short one {j}" for j in range(4)])
-    dm = CaptioningDataModule(clotho_root=str(root), resplit=False, sample_rate=16000, batch_size=10, max_caption_words=30, split_dir=str(tmp_path))
+    dm = CaptioningDataModule(clotho_root=str(root), resplit=False, sample_rate=16000, global_batch_size=10, max_caption_words=30, split_dir=str(tmp_path))
     batch = dm.collate_train([CaptionPairs(dm.clips("train"))[i] for i in range(10)])
     vocab = dm.vocabulary
     assert batch["tokens"].shape == (10, 32)  # <bos> + 30 words + <eos>
@@ -506,7 +506,7 @@ def test_pickled_code_in_checkpoint_is_refused(retrieval_ckpt: Path, xe_ckpt: Pa
 
     # resuming with --ckpt_path goes through Lightning, which torch.load-s with weights_only=True too
     module = tiny_module()
-    dm = RetrievalDataModule(clotho_root=str(synth_root), batch_size=4, split_dir=str(tmp_path))
+    dm = RetrievalDataModule(clotho_root=str(synth_root), global_batch_size=4, split_dir=str(tmp_path))
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(Exception, match="posix.system"):
         trainer.fit(module, datamodule=dm, ckpt_path=str(evil_retrieval))

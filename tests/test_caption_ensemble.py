@@ -76,3 +76,78 @@ def test_caption_eval_command_writes_metrics_and_submission(xe_ckpt: Path, synth
 def test_report_systems_as_configs():
     sizes = {n: len(read_ensemble_config(REPO / "conf" / "captioning" / "ensembles" / f"system{n}.yaml")) for n in (1, 2, 3, 4)}
     assert sizes == {1: 1, 2: 2, 3: 4, 4: 6}
+
+
+# --------------------------------------------------------------------------------------------------
+# The authors' ensemble rule (log_softmax of the mean) against the plain mean, on hand-built members
+# --------------------------------------------------------------------------------------------------
+
+
+class _FakeExtractor(torch.nn.Module):
+    sample_rate = 16000
+
+    def forward(self, audio, lengths):
+        return {"frames": torch.zeros(audio.shape[0], 1, 1), "frame_lengths": torch.ones(audio.shape[0], dtype=torch.long)}
+
+
+class _Member:
+    """A captioner-like object: a bigram table as its model, a fake extractor, a 6-word vocabulary."""
+
+    def __init__(self, table):
+        from tests.test_decoding import BigramModel
+
+        self.model = BigramModel(table, vocab_size=6)
+        self.model.anchor = torch.nn.Parameter(torch.zeros(1))  # the ensemble reads its device from a parameter
+        self.extractor = _FakeExtractor()
+        self.vocab = Vocabulary(["<pad>", "<bos>", "<eos>", "<unk>", "rain", "dog"])
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+
+def test_ensemble_renormalises_the_mean_by_default_and_it_changes_the_caption(monkeypatch):
+    import aac_lightning.captioning_ensemble as captioning_ensemble
+
+    bos, eos, rain, dog = 1, 2, 4, 5
+    # As in tests/test_decoding.py::test_renormalising_the_ensemble_changes_the_caption_as_computed_by_hand:
+    # the members agree after bos and after "rain", disagree after "dog". Beam 2, 2 words:
+    # plain mean -> "rain" (rain eos .184 beats dog eos .132); renormalised -> "dog" (.44 * .5394 = .2373).
+    shared = {bos: {rain: 0.46, dog: 0.44, eos: 0.1}, rain: {eos: 0.4, rain: 0.35, dog: 0.25}}
+    one = _Member({**shared, dog: {eos: 0.9, rain: 0.05, dog: 0.05}})
+    two = _Member({**shared, dog: {eos: 0.1, rain: 0.05, dog: 0.85}})
+    monkeypatch.setattr(captioning_ensemble, "load_audio", lambda path, rate: (torch.zeros(1, 100), rate))
+    files = ["a.wav", "b.wav", "c.wav"]
+    default = CaptionEnsemble([one, two], beam_size=2, max_length=2)
+    assert (default.renormalize, default.finished, default.length_penalty) == (True, "collect", 1.0)
+    assert default.caption_files(files, batch_size=2) == ["dog"] * 3
+    plain = CaptionEnsemble([one, two], beam_size=2, max_length=2, renormalize=False)
+    assert plain.caption_files(files, batch_size=2) == ["rain"] * 3
+    assert CaptionEnsemble([one, two]).max_length == 20  # the authors' decoding length
+    with pytest.raises(ValueError, match="finished must be one of"):
+        CaptionEnsemble([one, two], finished="drop")
+
+
+def test_caption_eval_passes_the_decoding_options(monkeypatch, tmp_path: Path):
+    import aac_lightning.captioning_ensemble as captioning_ensemble
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_from_checkpoints(paths, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(CaptionEnsemble, "from_checkpoints", staticmethod(fake_from_checkpoints))
+    with pytest.raises(Stop):
+        captioning_ensemble.caption_eval_command(["x.ckpt", "--clotho-root", str(tmp_path), "--device", "cpu"])
+    assert (seen["max_length"], seen["renormalize"], seen["finished"], seen["length_penalty"]) == (20, True, "collect", 1.0)
+    seen.clear()
+    with pytest.raises(Stop):
+        captioning_ensemble.caption_eval_command(
+            ["x.ckpt", "--clotho-root", str(tmp_path), "--device", "cpu", "--no-renormalize", "--finished", "keep",
+             "--length-penalty", "0", "--max-length", "30"]
+        )
+    assert (seen["max_length"], seen["renormalize"], seen["finished"], seen["length_penalty"]) == (30, False, "keep", 0.0)

@@ -56,8 +56,12 @@ def count(module: nn.Module) -> int:
 @pytest.mark.parametrize(
     ("decoder", "kwargs", "hand_count", "report_millions"),
     [
-        ("transformer", {"num_layers": 2}, 10_386_448, 10.4),
-        ("transformer", {"num_layers": 4}, 12_493_328, 12.5),
+        # The authors' decoder: the memory projection ends with a LayerNorm (2 * 256 parameters).
+        ("transformer", {"num_layers": 2}, 10_386_448 + 512, 10.4),
+        ("transformer", {"num_layers": 4}, 12_493_328 + 512, 12.5),
+        # The package's earlier decoder: a single Linear memory projection.
+        ("transformer", {"num_layers": 2, "memory_projection": "linear"}, 10_386_448, 10.4),
+        ("transformer", {"num_layers": 4, "memory_projection": "linear"}, 12_493_328, 12.5),
         ("gru_attention", {}, 14_584_080, 14.6),
     ],
 )
@@ -277,6 +281,7 @@ def test_scheduled_sampling_with_ratio_zero_feeds_back_the_argmax(decoder):
 @pytest.mark.parametrize("decoder", ["transformer", "gru_attention"])
 def test_scheduled_sampling_mixes_truth_and_predictions_per_row_and_step(decoder):
     model = tiny_model(decoder).eval()
+    model.scheduled_sampling = "row"  # the package's earlier scheme (the authors' is tested elsewhere)
     features, lengths, tokens = random_batch(batch_size=6, length=9)
     ratio = 0.5
     with torch.no_grad():

@@ -21,7 +21,7 @@ def test_pad_waveforms_zero_pads_and_keeps_lengths():
 
 
 def test_retrieval_batches_pairs_and_clips(synth_root: Path, tmp_path: Path):
-    dm = RetrievalDataModule(clotho_root=str(synth_root), sample_rate=16000, batch_size=8, train_max_seconds=1.0, split_dir=str(tmp_path))
+    dm = RetrievalDataModule(clotho_root=str(synth_root), sample_rate=16000, global_batch_size=8, train_max_seconds=1.0, split_dir=str(tmp_path))
     dm.setup("fit")
     train_clips = dm.clips("train")
     assert len(train_clips) == round(0.9 * 24) and len(dm.clips("val")) == 24 - len(train_clips)
@@ -75,7 +75,7 @@ def test_missing_root_and_bad_sources_are_named(synth_root: Path):
 
 
 def test_captioning_tokens_and_vocabulary(synth_root: Path):
-    dm = CaptioningDataModule(clotho_root=str(synth_root), sample_rate=16000, batch_size=4, max_caption_words=5)
+    dm = CaptioningDataModule(clotho_root=str(synth_root), sample_rate=16000, global_batch_size=4, max_caption_words=5)
     vocab = dm.vocabulary
     captions = [c for caps in dm.clips("train").captions for c in caps]
     assert vocab == Vocabulary.build(captions)

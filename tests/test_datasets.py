@@ -112,6 +112,30 @@ def test_audiocaps_missing_clips_error_or_counted_skip(tmp_path: Path, caplog):
     ds = AudioCaps(root, "train", on_missing="skip")
     assert ds.fnames == ["aaaaaaaaaaa_0.flac", "ccccccccccc_20.flac"]
     assert "1 of 3 audio files are missing" in caplog.text
+    assert ds.missing_skipped == 1 and ds.missing_fnames == ["bbbbbbbbbbb_10.flac"]
+    assert [ds[i]["captions"] for i in range(len(ds))] == [["a dog barks"], ["rain"]]
+
+
+def test_audiocaps_skip_counts_many_missing_clips_with_one_warning(tmp_path: Path, caplog):
+    rows = [(i, f"vid{i:08d}", 10 * i, f"caption {i}") for i in range(10)]
+    root = write_audiocaps(tmp_path, "train", rows)
+    audio_dir = root / "AUDIOCAPS" / "audio_32000Hz" / "train"
+    gone = [f"vid{i:08d}_{10 * i}.flac" for i in (1, 4, 5, 8)]
+    for name in gone:
+        (audio_dir / name).unlink()
+    with caplog.at_level("WARNING"):
+        ds = AudioCaps(root, "train", on_missing="skip")
+    assert ds.missing_skipped == 4 and ds.missing_fnames == gone
+    assert ds.fnames == [f"vid{i:08d}_{10 * i}.flac" for i in (0, 2, 3, 6, 7, 9)]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "missing" in r.getMessage()]
+    assert len(warnings) == 1 and "4 of 10 audio files are missing" in warnings[0].getMessage()
+    assert gone[0] in warnings[0].getMessage()
+    # what the parts skipped stays known after concatenation (Clotho + AudioCaps + MACS)
+    from aac_lightning.data.datasets import CaptionDataset
+
+    assert CaptionDataset.concat([ds, ds], "both").missing_skipped == 8
+    with pytest.raises(FileNotFoundError, match=r"4 of 10 audio files are missing \(first: '.*vid00000001_10.flac'"):
+        AudioCaps(root, "train")
 
 
 def test_audiocaps_missing_column_is_named(tmp_path: Path):

@@ -99,9 +99,8 @@ def make_trainer(out: Path, ddp: bool, callbacks: list[pl.Callback] = (), **kwar
 
 
 def data_kwargs(root: Path, out: Path, ddp: bool) -> dict[str, Any]:
-    # One process takes the global batch of the two ranks.
-    batch = PER_RANK_BATCH if ddp else PER_RANK_BATCH * WORLD_SIZE
-    return dict(clotho_root=str(root), batch_size=batch, eval_batch_size=1, resplit_train_fraction=TRAIN_FRACTION, split_dir=str(out))
+    # The same global batch whatever the number of processes: each of the two ranks loads half of it.
+    return dict(clotho_root=str(root), global_batch_size=PER_RANK_BATCH * WORLD_SIZE, eval_batch_size=1, resplit_train_fraction=TRAIN_FRACTION, split_dir=str(out))
 
 
 def weights(module: pl.LightningModule) -> dict[str, torch.Tensor]:

@@ -64,7 +64,7 @@ def nan_run(root: Path, out: Path, mode: str, batches: int = 4):
         callbacks=[watcher],
         default_root_dir=out,
     )
-    dm = RetrievalDataModule(clotho_root=str(root), batch_size=4, split_dir=str(out))
+    dm = RetrievalDataModule(clotho_root=str(root), global_batch_size=4, split_dir=str(out))
     trainer.fit(module, datamodule=dm)
     return module, trainer, watcher
 

@@ -25,13 +25,29 @@ from aac_lightning.modules.base import read_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf" / "demo"
 TINY_AUDIO = dict(sample_rate=16000, window_size=512, hop_size=160, mel_bins=32, fmax=8000, channels=[4, 8, 8, 8, 8, 16], embed_dim=16)
-TINY_RETRIEVAL = {"model.init_args.audio_encoder_kwargs": TINY_AUDIO, "model.init_args.embed_dim": 8, "data.init_args.batch_size": 4, "data.init_args.eval_batch_size": 8}
+TINY_RETRIEVAL = {
+    "model.init_args.audio_encoder_kwargs": TINY_AUDIO,
+    "model.init_args.embed_dim": 8,
+    "model.init_args.warmup_epochs": 0.0,  # runs of 3 steps: a warm-up of a whole epoch would never end
+    "data.init_args.global_batch_size": 4,
+    "data.init_args.eval_batch_size": 8,
+}
 TINY_CAPTIONER = {
     "model.init_args.input_dim": 16,
     "model.init_args.decoder_kwargs": {"d_model": 16, "num_layers": 1, "nhead": 2, "dim_feedforward": 32, "dropout": 0.1},
     "model.init_args.encoder_kwargs": {"encoder_hidden_size": 8, "encoder_num_layers": 1, "encoder_dropout": 0.0},
-    "data.init_args.batch_size": 4,
+    "model.init_args.warmup_steps": 0,
+    "data.init_args.global_batch_size": 4,
     "data.init_args.eval_batch_size": 8,
+}
+# The captioning stages of the full run: 2 epochs, both averaged (EpochWeightAveraging -> averaged.ckpt).
+CAPTIONER_RUN = {
+    "trainer.max_epochs": 2,
+    "trainer.callbacks": [
+        {"class_path": "aac_lightning.callbacks.EpochWeightAveraging", "init_args": {"last_epochs": 2}},
+        {"class_path": "aac_lightning.callbacks.LatestCheckpoint"},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/cider_d", "mode": "max", "filename": "best-{epoch:02d}"}},
+    ],
 }
 TRAINER = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
@@ -58,13 +74,15 @@ def full_run(synth_root: Path, tiny_text_encoder: str, tmp_path_factory) -> Path
     data = {"data.init_args.clotho_root": str(synth_root)}
     cache = {"model.init_args.feature_cache_dir": "${workdir}/feature_cache"}
     stages = contrastive_stages(synth_root, tiny_text_encoder) + [
-        {"name": "xe", "configs": [str(CONF / "xe.yaml")], "set": {**data, **cache, **TINY_CAPTIONER}, "handoff": {"model.init_args.extractor_ckpt": "finetune"}},
-        {"name": "scst", "configs": [str(CONF / "scst.yaml")], "set": {**data, **cache, "data.init_args.batch_size": 4}, "handoff": {"model.init_args.init_from": "xe"}},
+        {"name": "xe", "configs": [str(CONF / "xe.yaml")], "set": {**data, **cache, **TINY_CAPTIONER, **CAPTIONER_RUN}, "handoff": {"model.init_args.extractor_ckpt": "finetune"}},
+        {"name": "scst", "configs": [str(CONF / "scst.yaml")], "set": {**data, **cache, **CAPTIONER_RUN, "data.init_args.global_batch_size": 4}, "handoff": {"model.init_args.init_from": "xe"}},
         {"name": "retrieval_single", "kind": "retrieval_ensemble", "members": ["finetune"], "clotho_root": str(synth_root)},
         {"name": "caption_single", "kind": "caption_ensemble", "members": ["scst"], "clotho_root": str(synth_root)},
     ]
+    for stage in stages[:2]:
+        stage["set"]["trainer.max_epochs"] = 1
     recipe = write_recipe(tmp / "recipe.yaml", stages)
-    main(["pipeline", str(recipe), "--workdir", str(tmp / "work"), "--loggers", "csv", "--trainer.max_epochs=1", *TRAINER])
+    main(["pipeline", str(recipe), "--workdir", str(tmp / "work"), "--loggers", "csv", *TRAINER])
     return tmp / "work"
 
 
@@ -74,10 +92,12 @@ def test_results_json_has_every_stage_with_kind_checkpoint_and_named_metrics(ful
     assert list(stages) == ["pretrain", "finetune", "xe", "scst", "retrieval_single", "caption_single"]
     assert [s["kind"] for s in stages.values()] == ["contrastive", "contrastive", "xe", "scst", "retrieval_ensemble", "caption_ensemble"]
     for name in ("pretrain", "finetune", "xe", "scst"):
-        assert Path(stages[name]["checkpoint"]) == full_run / name / "best.ckpt"
+        # the captioners average their last epochs: the average is the stage's checkpoint
+        own = "averaged.ckpt" if name in ("xe", "scst") else "best.ckpt"
+        assert Path(stages[name]["checkpoint"]) == full_run / name / own
         assert (full_run / name / "last.ckpt").is_file() and (full_run / name / "config.yaml").is_file()
         assert list((full_run / name / "logs").glob("version_*/metrics.csv")), name
-        assert read_checkpoint(full_run / name / "best.ckpt")["aac_lightning"]["kind"] == stages[name]["kind"]
+        assert read_checkpoint(full_run / name / own)["aac_lightning"]["kind"] == stages[name]["kind"]
     for name in ("pretrain", "finetune", "retrieval_single"):
         assert {"R@1", "R@5", "R@10", "mAP@10", "a2t/R@1"} <= set(stages[name]["metrics"])
         assert 0.0 <= stages[name]["metrics"]["R@1"] <= stages[name]["metrics"]["R@5"] <= stages[name]["metrics"]["R@10"] <= 1.0
@@ -96,7 +116,9 @@ def test_checkpoints_are_handed_to_the_init_arguments_the_recipe_names(full_run:
 
     assert init_args("finetune")["init_from"] == str(full_run / "pretrain" / "best.ckpt")
     assert init_args("xe")["extractor_ckpt"] == str(full_run / "finetune" / "best.ckpt")
-    assert init_args("scst")["init_from"] == str(full_run / "xe" / "best.ckpt")
+    assert init_args("scst")["init_from"] == str(full_run / "xe" / "averaged.ckpt")  # the averaged XE weights, as the authors
+    averaged, last = (read_checkpoint(full_run / "xe" / f"{name}.ckpt")["state_dict"] for name in ("averaged", "last"))
+    assert any(not torch.equal(v, last[k]) for k, v in averaged.items() if k.startswith("model."))
     assert init_args("xe")["feature_cache_dir"] == str(full_run / "feature_cache")
     # the XE stage's frozen extractor is the fine-tuned audio encoder, bit for bit
     finetune = read_checkpoint(full_run / "finetune" / "best.ckpt")["state_dict"]

@@ -55,8 +55,9 @@ def _train_checkpoint(root: Path, out: Path, audio_encoder: str, audio_kwargs: d
         text_pooling="mean",
         embed_dim=embed_dim,
         lr=1e-3,
+        warmup_epochs=0.0,  # two steps: a warm-up of a whole epoch would never end
     )
-    data = RetrievalDataModule(clotho_root=str(root), batch_size=4, train_max_seconds=2.0)
+    data = RetrievalDataModule(clotho_root=str(root), global_batch_size=4, train_max_seconds=2.0)
     trainer = pl.Trainer(
         max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -178,7 +179,7 @@ def test_one_member_evaluate_equals_the_modules_own_test_metrics(setup) -> None:
     # the LightningModule's test loop (Clotho evaluation subset, batches of 2 padded clips) and the
     # ensemble fed the same batches must agree exactly
     module = ContrastiveRetrieval.load_for_inference(setup["ckpts"][0])
-    data = RetrievalDataModule(clotho_root=str(setup["root"]), batch_size=2)
+    data = RetrievalDataModule(clotho_root=str(setup["root"]), global_batch_size=2)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(setup["tmp"]))
     logged = trainer.test(module, datamodule=data, verbose=False)[0]

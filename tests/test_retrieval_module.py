@@ -23,7 +23,7 @@ TINY_AUDIO = dict(sample_rate=16000, window_size=512, hop_size=160, mel_bins=32,
 
 
 def tiny_module(**kwargs) -> ContrastiveRetrieval:
-    args = dict(audio_encoder="cnn14", audio_encoder_kwargs=TINY_AUDIO, text_encoder="minilm-l6", text_max_length=16, embed_dim=8, lr=1e-3)
+    args = dict(audio_encoder="cnn14", audio_encoder_kwargs=TINY_AUDIO, text_encoder="minilm-l6", text_max_length=16, embed_dim=8, lr=1e-3, warmup_epochs=0.0)
     args.update(kwargs)
     return ContrastiveRetrieval(**args)
 
@@ -31,7 +31,7 @@ def tiny_module(**kwargs) -> ContrastiveRetrieval:
 def fit_tiny(root: Path, out: Path, **kwargs) -> Path:
     pl.seed_everything(0)
     module = tiny_module(**kwargs)
-    dm = RetrievalDataModule(clotho_root=str(root), batch_size=4, eval_batch_size=4)
+    dm = RetrievalDataModule(clotho_root=str(root), global_batch_size=4, eval_batch_size=4)
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=out)
     trainer.fit(module, datamodule=dm)
     path = out / "tiny.ckpt"
@@ -75,7 +75,7 @@ def test_handoff_errors_name_the_problem(tiny_ckpt: Path, tmp_path: Path):
 
 def test_validation_metrics_equal_offline_computation(tiny_ckpt: Path, synth_root: Path):
     module = ContrastiveRetrieval.load_for_inference(tiny_ckpt)
-    dm = RetrievalDataModule(clotho_root=str(synth_root), batch_size=4, eval_batch_size=2)
+    dm = RetrievalDataModule(clotho_root=str(synth_root), global_batch_size=4, eval_batch_size=2)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     logged = trainer.validate(module, datamodule=dm, verbose=False)[0]
     clips = dm.clips("val")
@@ -105,7 +105,7 @@ def test_temperature_has_no_weight_decay_and_is_clamped(synth_root: Path, tmp_pa
     module = tiny_module(weight_decay=0.1)
     with torch.no_grad():
         module.model.log_logit_scale.fill_(math.log(500.0))
-    dm = RetrievalDataModule(clotho_root=str(synth_root), batch_size=4)
+    dm = RetrievalDataModule(clotho_root=str(synth_root), global_batch_size=4)
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=dm)
     assert module.model.text_encoder.model.training  # pretrained HF models load in eval mode; training must switch them
@@ -166,7 +166,7 @@ def test_cli_resolves_short_class_names(capsys, synth_root: Path):
 def test_bf16_mixed_precision_trains(synth_root: Path, tmp_path: Path):
     """The bf16 autocast path (what `--trainer.precision bf16-mixed` uses on a GPU) runs; here on the CPU."""
     module = tiny_module()
-    dm = RetrievalDataModule(clotho_root=str(synth_root), batch_size=4)
+    dm = RetrievalDataModule(clotho_root=str(synth_root), global_batch_size=4)
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
     before = {k: v.clone() for k, v in module.model.audio_projection.state_dict().items()}

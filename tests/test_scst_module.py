@@ -13,10 +13,10 @@ import aac_lightning.modules.scst as scst
 from aac_lightning.cli import main
 from aac_lightning.data import CaptioningDataModule
 from aac_lightning.modules.base import HandoffError, read_checkpoint
-from aac_lightning.modules.scst import CaptioningSCST, leave_one_out_mean, scst_loss
+from aac_lightning.modules.scst import CaptioningSCST, batch_document_frequency, leave_one_out_mean, scst_loss
 from aac_lightning.nn.decoding import SampledCaptions
 from tests.conftest import demo_config_overrides
-from tests.test_xe_module import fit_xe, retrieval_ckpt  # noqa: F401  (retrieval_ckpt is a fixture)
+from tests.test_xe_module import TINY_CAPTIONER, fit_xe, retrieval_ckpt  # noqa: F401  (retrieval_ckpt is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_scst_loss_and_leave_one_out_baseline_by_hand():
 
 @pytest.mark.parametrize("baseline", ["greedy", "mean"])
 def test_training_step_rewards_advantages_and_deduplication(xe_ckpt: Path, monkeypatch, baseline: str):
-    module = CaptioningSCST(init_from=str(xe_ckpt), num_samples=2, baseline=baseline)
+    module = CaptioningSCST(init_from=str(xe_ckpt), samples="per_clip", num_samples=2, baseline=baseline)
     vocab = module.vocab
     words = [w for w in vocab.words if w not in ("<pad>", "<bos>", "<eos>", "<unk>")][:3]
     a, b, c = (vocab.words.index(w) for w in words)
@@ -73,7 +73,7 @@ def test_training_step_rewards_advantages_and_deduplication(xe_ckpt: Path, monke
     reward_of = {words[0]: 1.0, words[1]: 0.5, words[2]: 2.0, f"{words[0]} {words[1]}": 0.0}
     monkeypatch.setattr(scst, "sample_decode", fake_sample)
     monkeypatch.setattr(scst, "greedy_decode", fake_greedy)
-    monkeypatch.setattr(module, "cider_rewards", lambda cands, refs: torch.tensor([reward_of[x] for x in cands]))
+    monkeypatch.setattr(module, "cider_rewards", lambda cands, refs, clips=None: torch.tensor([reward_of[x] for x in cands]))
     module.train()
     batch = {"clip_ids": torch.tensor([3, 3, 5])}  # clip 3 met twice: sampled once
     loss = module.training_step(batch, 0)
@@ -114,7 +114,7 @@ def test_scst_fit_keeps_the_extractor_and_trains_the_captioner(xe_ckpt: Path, sy
     source = read_checkpoint(xe_ckpt)
     module = CaptioningSCST(init_from=str(xe_ckpt), num_samples=3, lr=1e-3, feature_cache_dir=str(tmp_path / "cache"))
     assert module.hparams.decoder_kwargs == source["hyper_parameters"]["decoder_kwargs"]  # architecture from init_from
-    dm = CaptioningDataModule(clotho_root=str(synth_root), batch_size=8, eval_batch_size=8)
+    dm = CaptioningDataModule(clotho_root=str(synth_root), global_batch_size=8, eval_batch_size=8)
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=1, default_root_dir=str(tmp_path))
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2
@@ -162,7 +162,7 @@ def test_bad_arguments_and_wrong_kind_handoffs_fail_clearly(retrieval_ckpt: Path
     module = CaptioningSCST(vocabulary=read_checkpoint(xe_ckpt)["hyper_parameters"]["vocabulary"], input_dim=8, decoder_kwargs=dict(d_model=16, num_layers=1, nhead=2, dim_feedforward=32), encoder_kwargs=dict(encoder_hidden_size=8, encoder_num_layers=1))
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
     with pytest.raises(ValueError, match="pass init_from"):
-        trainer.fit(module, datamodule=CaptioningDataModule(clotho_root=str(synth_root), batch_size=4))
+        trainer.fit(module, datamodule=CaptioningDataModule(clotho_root=str(synth_root), global_batch_size=4))
 
 
 @pytest.mark.parametrize("name,decoder", [("transformer2", "transformer"), ("gru_attention", "gru_attention")])
@@ -177,11 +177,154 @@ def test_scst_config_switches_any_xe_config_to_scst(name: str, decoder: str, cap
     assert model["class_path"] == "aac_lightning.modules.CaptioningSCST"
     init = model["init_args"]
     assert init["decoder"] == decoder and init["decoder_kwargs"] == xe["model"]["init_args"]["decoder_kwargs"]
-    assert (init["lr"], init["num_samples"], init["baseline"], init["cider_df"], init["beam_size"]) == (5e-5, 5, "greedy", "corpus", 3)
+    expected = tuple(yaml.safe_load((REPO / "conf" / "captioning" / "scst.yaml").read_text(encoding="utf-8"))["model"]["init_args"].get(k, d)
+                     for k, d in [("lr", 5e-5), ("num_samples", 1), ("baseline", "greedy"), ("cider_df", "batch"), ("beam_size", 3)])
+    assert (init["lr"], init["num_samples"], init["baseline"], init["cider_df"], init["beam_size"]) == expected
     assert init["init_from"] == "xe.ckpt" and init["extractor_ckpt"] is None
     assert config["trainer"]["max_epochs"] == 100
     callbacks = [(c["class_path"].rpartition(".")[2], c["init_args"]["dirpath"]) for c in config["trainer"]["callbacks"]]
-    assert callbacks == [("LatestCheckpoint", None), ("ModelCheckpoint", "runs/scst/checkpoints")]  # last.ckpt next to the best
+    # last.ckpt next to the best (other callbacks, e.g. weight averaging, may come with them)
+    assert [c for c in callbacks if c[0] in ("LatestCheckpoint", "ModelCheckpoint")] == [("LatestCheckpoint", None), ("ModelCheckpoint", "runs/scst/checkpoints")]
+
+
+# --------------------------------------------------------------------------------------------------
+# The authors' SCST: one sample per item, greedy baseline, batch document frequencies
+# --------------------------------------------------------------------------------------------------
+
+
+def _two_clip_module(xe_ckpt: Path, monkeypatch, **kwargs):
+    """An SCST module on a fake batch of 3 items: clip 3, clip 5, clip 3 again; words a, b, c."""
+    module = CaptioningSCST(init_from=str(xe_ckpt), **kwargs)
+    vocab = module.vocab
+    words = [w for w in vocab.words if w not in ("<pad>", "<bos>", "<eos>", "<unk>")][:3]
+    ids = [vocab.words.index(w) for w in words]
+    feats = torch.randn(3, 5, 8)
+    monkeypatch.setattr(module, "features", lambda batch: (feats, torch.tensor([5, 4, 5])))
+    module.train()
+    return module, words, ids, feats
+
+
+def test_authors_defaults():
+    import inspect
+
+    parameters = inspect.signature(CaptioningSCST.__init__).parameters
+    defaults = {k: parameters[k].default for k in ("samples", "num_samples", "baseline", "cider_df", "duplicate_reward", "sample_temperature", "max_decode_length")}
+    assert defaults == {"samples": "per_item", "num_samples": 1, "baseline": "greedy", "cider_df": "batch",
+                        "duplicate_reward": "own", "sample_temperature": 1.0, "max_decode_length": 20}
+
+
+@pytest.mark.parametrize("duplicate_reward", ["own", "first"])
+def test_per_item_samples_once_per_item_and_rewards_each_against_its_own_clip(xe_ckpt: Path, monkeypatch, duplicate_reward: str):
+    module, (wa, wb, wc), (a, b, c), feats = _two_clip_module(xe_ckpt, monkeypatch, duplicate_reward=duplicate_reward)
+    eos = module.vocab.eos_id
+    # Clip 3's references hold "a" and "b", clip 5's hold "c": a reward that depends on the references
+    # (1 when the caption is one of them) fails if a sample is scored against another clip's references.
+    module._train_references = {3: [wa, wb], 5: [wc]}
+    calls = {}
+
+    def fake_sample(model, f, lengths, **kwargs):
+        calls["sample_rows"], calls["num_samples"], calls["training"] = f.clone(), kwargs["num_samples"], model.training
+        calls["max_length"] = kwargs["max_length"]
+        tokens = torch.tensor([[a, eos], [c, eos], [b, eos]])  # item 0 "a", item 1 "c", item 2 "b"
+        log_probs = torch.tensor([[-1.0, -1.0], [-2.0, -0.5], [-0.5, -0.25]], requires_grad=True)
+        return SampledCaptions(tokens, log_probs, torch.ones(3, 2, dtype=torch.bool))
+
+    def fake_greedy(model, f, lengths, **kwargs):
+        calls["greedy_rows"] = f.clone()
+        return torch.tensor([[c, eos], [c, eos], [c, eos]])  # "c": right for clip 5 only
+
+    def own_reference_reward(cands, refs, clips=None):
+        calls.setdefault("reward_clips", []).append(list(clips))
+        return torch.tensor([float(cand in r) for cand, r in zip(cands, refs)])
+
+    monkeypatch.setattr(scst, "sample_decode", fake_sample)
+    monkeypatch.setattr(scst, "greedy_decode", fake_greedy)
+    monkeypatch.setattr(module, "cider_rewards", own_reference_reward)
+    loss = module.training_step({"clip_ids": torch.tensor([3, 5, 3])}, 0)
+    assert torch.equal(calls["sample_rows"], feats) and calls["num_samples"] == 1  # one sample per item
+    assert torch.equal(calls["greedy_rows"], feats) and calls["training"] and calls["max_length"] == 20
+    assert calls["reward_clips"] == [[3, 5, 3], [3, 5, 3]]
+    # Own references: samples "a" (clip 3) 1, "c" (clip 5) 1, "b" (clip 3) 1; greedy "c": 0, 1, 0.
+    rewards = torch.tensor([1.0, 1.0, 1.0])  # ("first": item 2 takes item 0's reward, 1 as well)
+    advantages = rewards - torch.tensor([0.0, 1.0, 0.0])
+    sums = torch.tensor([-2.0, -2.5, -0.75])
+    assert loss.item() == pytest.approx(float(-(advantages * sums).mean()))
+
+
+def test_duplicate_reward_first_copies_the_first_items_reward(xe_ckpt: Path, monkeypatch):
+    eos_rewards = {}
+    for mode in ("own", "first"):
+        module, (wa, wb, wc), (a, b, c), _ = _two_clip_module(xe_ckpt, monkeypatch, duplicate_reward=mode, baseline="greedy")
+        eos = module.vocab.eos_id
+        module._train_references = {3: [wa], 5: [wc]}
+        tokens = torch.tensor([[a, eos], [c, eos], [b, eos]])  # item 2 (clip 3 again) says "b": reward 0 of its own
+        log_probs = torch.tensor([[-1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]], requires_grad=True)
+        monkeypatch.setattr(scst, "sample_decode", lambda *args, **kw: SampledCaptions(tokens, log_probs, torch.ones(3, 2, dtype=torch.bool)))
+        monkeypatch.setattr(scst, "greedy_decode", lambda *args, **kw: torch.tensor([[b, eos]] * 3))  # reward 0 everywhere
+        monkeypatch.setattr(module, "cider_rewards", lambda cands, refs, clips=None: torch.tensor([float(x in r) for x, r in zip(cands, refs)]))
+        eos_rewards[mode] = module.training_step({"clip_ids": torch.tensor([3, 5, 3])}, 0).item()
+    # own: advantages 1, 1, 0 -> loss = -(-1 - 1 + 0) / 3; first: item 2 takes item 0's 1 -> -(-3) / 3.
+    assert eos_rewards["own"] == pytest.approx(2 / 3)
+    assert eos_rewards["first"] == pytest.approx(1.0)
+
+
+def _ngram_frequencies(frequency) -> dict[tuple[str, ...], float]:
+    """The unigram and bigram document frequencies of a table, by words."""
+    words, vocab = frequency.words, len(frequency.words)
+    table = {(w,): float(df) for w, df in zip(words, frequency.frequencies[0])}
+    for key, df in zip(frequency.order_keys[0].tolist(), frequency.frequencies[1]):
+        table[(words[key // vocab], words[key % vocab])] = float(df)
+    return table
+
+
+def test_batch_document_frequencies_count_each_distinct_clip_once_by_hand():
+    # Items of a batch: clip 3, clip 5, clip 3 again (one item per caption), each with its clip's references.
+    dog, cat = ["a dog barks", "a dog"], ["a cat"]
+    frequency = batch_document_frequency([dog, cat, dog], clip_ids=[3, 5, 3])
+    assert frequency.num_documents == 2  # N = distinct clips, as pycocoevalcap's Cider on the key -> refs dict
+    expected = {("a",): 2, ("dog",): 1, ("barks",): 1, ("cat",): 1, ("a", "dog"): 1, ("dog", "barks"): 1, ("a", "cat"): 1}
+    assert _ngram_frequencies(frequency) == expected
+    # Two clips whose reference lists happen to be equal are still two documents when ids are given.
+    assert batch_document_frequency([cat, cat], clip_ids=[1, 2]).num_documents == 2
+    assert batch_document_frequency([cat, cat]).num_documents == 1  # without ids: told apart by references
+    with pytest.raises(ValueError, match="clip_ids"):
+        batch_document_frequency([cat], clip_ids=[1, 2])
+
+
+def test_training_step_rewards_are_cider_d_against_own_references_with_batch_frequencies(xe_ckpt: Path, monkeypatch):
+    from aac_lightning.metrics.cider import cider_d
+
+    module, _, _, _ = _two_clip_module(xe_ckpt, monkeypatch)  # the authors' defaults
+    vocab = module.vocab
+    words = [w for w in vocab.words if w not in ("<pad>", "<bos>", "<eos>", "<unk>")][:6]
+    refs = {3: [f"{words[0]} {words[1]} {words[2]}", f"{words[0]} {words[1]}"], 5: [f"{words[3]} {words[4]}", f"{words[3]} {words[5]}"]}
+    module._train_references = refs
+    eos, pad = vocab.eos_id, vocab.pad_id
+    tok = {w: vocab.words.index(w) for w in words}
+    sample_tokens = torch.tensor([[tok[words[0]], tok[words[1]], eos], [tok[words[3]], tok[words[4]], eos], [tok[words[0]], tok[words[3]], eos]])
+    greedy_tokens = torch.tensor([[tok[words[0]], eos, pad]] * 3)
+    log_probs = torch.tensor([[-1.0, -1.0, -1.0], [-0.5, -0.5, -0.5], [-2.0, -2.0, -2.0]], requires_grad=True)
+    monkeypatch.setattr(scst, "sample_decode", lambda *a, **k: SampledCaptions(sample_tokens, log_probs, torch.ones(3, 3, dtype=torch.bool)))
+    monkeypatch.setattr(scst, "greedy_decode", lambda *a, **k: greedy_tokens)
+    loss = module.training_step({"clip_ids": torch.tensor([3, 5, 3])}, 0)
+    own = [refs[3], refs[5], refs[3]]
+    frequency = batch_document_frequency([refs[3], refs[5]])  # the two distinct clips
+    samples = [f"{words[0]} {words[1]}", f"{words[3]} {words[4]}", f"{words[0]} {words[3]}"]
+    reward = cider_d(samples, own, document_frequency=frequency)[1].float()
+    base = cider_d([words[0]] * 3, own, document_frequency=frequency)[1].float()
+    assert reward[0] > 0 and reward[1] > 0 and not torch.equal(reward, base)
+    sums = torch.tensor([-3.0, -1.5, -6.0])
+    assert loss.item() == pytest.approx(float(-((reward - base) * sums).mean()), rel=1e-5)
+    # Scored against the swapped references, the rewards would differ (the check above can tell).
+    swapped = cider_d(samples, [refs[5], refs[3], refs[5]], document_frequency=frequency)[1].float()
+    assert not torch.allclose(swapped, reward)
+
+
+def test_new_options_are_checked(xe_ckpt: Path):
+    with pytest.raises(ValueError, match="samples must be one of"):
+        CaptioningSCST(init_from=str(xe_ckpt), samples="per_batch")
+    with pytest.raises(ValueError, match="duplicate_reward must be one of"):
+        CaptioningSCST(init_from=str(xe_ckpt), duplicate_reward="last")
 
 
 def greedy_train_cider(module: CaptioningSCST, dm: CaptioningDataModule) -> float:
@@ -203,12 +346,18 @@ def greedy_train_cider(module: CaptioningSCST, dm: CaptioningDataModule) -> floa
 @pytest.mark.slow
 def test_scst_raises_the_greedy_cider_d_of_the_training_set(retrieval_ckpt: Path, synth_root: Path, tmp_path: Path):  # noqa: F811
     cache = str(tmp_path / "cache")
-    _, xe_trainer = fit_xe(retrieval_ckpt, synth_root, max_epochs=3, feature_cache_dir=cache, lr=3e-3, final_lr=1e-4)
+    # A tiny model learns fast enough for this check without the paper's regularisation (dropouts,
+    # random positions): those options are switched off; the SCST path is the same.
+    tiny = dict(
+        decoder_kwargs={**TINY_CAPTIONER["decoder_kwargs"], "dropout": 0.0, "positional_encoding": "sinusoidal"},
+        encoder_kwargs={**TINY_CAPTIONER["encoder_kwargs"], "encoder_dropout": 0.0, "encoder_input_dropout": 0.0},
+    )
+    _, xe_trainer = fit_xe(retrieval_ckpt, synth_root, max_epochs=3, feature_cache_dir=cache, lr=3e-3, final_lr=1e-4, **tiny)
     xe_path = tmp_path / "xe.ckpt"
     xe_trainer.save_checkpoint(xe_path)
     pl.seed_everything(0)
-    module = CaptioningSCST(init_from=str(xe_path), feature_cache_dir=cache, lr=1e-3, num_samples=5)
-    dm = CaptioningDataModule(clotho_root=str(synth_root), batch_size=16, eval_batch_size=16)
+    module = CaptioningSCST(init_from=str(xe_path), feature_cache_dir=cache, lr=1e-3)  # the authors' sampling and rewards
+    dm = CaptioningDataModule(clotho_root=str(synth_root), global_batch_size=16, eval_batch_size=16)
     trainer = pl.Trainer(max_steps=SCST_STEPS, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path))
     trainer.fit(module, datamodule=dm)
     after = greedy_train_cider(module, dm)

@@ -37,7 +37,7 @@ def trainer_for(tmp_path: Path, max_steps: int = 1) -> pl.Trainer:
 
 
 def datamodule(root: Path, tmp_path: Path, **kwargs) -> CaptioningDataModule:
-    return CaptioningDataModule(clotho_root=str(root), batch_size=4, split_dir=str(tmp_path), **kwargs)
+    return CaptioningDataModule(clotho_root=str(root), global_batch_size=4, split_dir=str(tmp_path), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def xe_ckpt(retrieval_ckpt: Path, synth_root: Path, vocabularies: dict, tmp_path
     """One XE step with the checkpoint vocabulary, saved."""
     out = tmp_path_factory.mktemp("xe_vocab")
     pl.seed_everything(0)
-    module = CaptioningXE(extractor_ckpt=str(retrieval_ckpt), vocabulary=vocabularies["checkpoint"].words, **TINY_CAPTIONER)
+    module = CaptioningXE(extractor_ckpt=str(retrieval_ckpt), vocabulary=vocabularies["checkpoint"].words, **{**TINY_CAPTIONER, "warmup_steps": 0})
     trainer = trainer_for(out)
     trainer.fit(module, datamodule=datamodule(synth_root, out))
     path = out / "xe.ckpt"
@@ -93,7 +93,7 @@ def test_handoff_checkpoint_vocabulary_encodes_the_data(xe_ckpt: Path, synth_roo
 
 def test_resume_uses_the_checkpoint_vocabulary_not_the_data(retrieval_ckpt: Path, xe_ckpt: Path, synth_root: Path, vocabularies: dict, tmp_path: Path):  # noqa: F811
     assert len(vocabularies["data"]) != len(vocabularies["checkpoint"])  # the data's would not even fit the weights
-    module = CaptioningXE(extractor_ckpt=str(retrieval_ckpt), **TINY_CAPTIONER)  # the stage's config: no vocabulary
+    module = CaptioningXE(extractor_ckpt=str(retrieval_ckpt), **{**TINY_CAPTIONER, "warmup_steps": 0})  # the stage's config: no vocabulary
     dm = datamodule(synth_root, tmp_path)
     trainer = trainer_for(tmp_path, max_steps=2)
     trainer.fit(module, datamodule=dm, ckpt_path=str(xe_ckpt))
@@ -108,7 +108,7 @@ def test_explicit_data_vocabulary_that_differs_is_refused(xe_ckpt: Path, synth_r
     data_vocab.save(path)
     position = len(SPECIAL_TOKENS) + 4  # where the checkpoint's list lacks the data's 5th word
     first = f"#{position} {data_vocab.words[position]!r} vs {ckpt_vocab.words[position]!r}"
-    module = CaptioningXE(init_from=str(xe_ckpt), **TINY_CAPTIONER)
+    module = CaptioningXE(init_from=str(xe_ckpt), **{**TINY_CAPTIONER, "warmup_steps": 0})
     with pytest.raises(ValueError) as error:
         trainer_for(tmp_path).fit(module, datamodule=datamodule(synth_root, tmp_path, vocabulary_path=str(path)))
     message = str(error.value)
@@ -117,7 +117,7 @@ def test_explicit_data_vocabulary_that_differs_is_refused(xe_ckpt: Path, synth_r
     assert f"first differing entries: {first}, " in message
     # the same vocabulary given explicitly is accepted
     ckpt_vocab.save(path)
-    module = CaptioningXE(init_from=str(xe_ckpt), **TINY_CAPTIONER)
+    module = CaptioningXE(init_from=str(xe_ckpt), **{**TINY_CAPTIONER, "warmup_steps": 0})
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
     trainer_for(tmp_path).fit(module, datamodule=datamodule(synth_root, tmp_path, vocabulary_path=str(path)))
     assert any(not torch.equal(v, before[k]) for k, v in module.model.state_dict().items())

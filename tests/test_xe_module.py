@@ -41,7 +41,7 @@ def fit_xe(ckpt: Path, root: Path, max_epochs: int = 1, **kwargs) -> tuple[Capti
     """A short XE run; its outputs (the re-split lists) go to a folder next to the checkpoint."""
     pl.seed_everything(0)
     module = CaptioningXE(extractor_ckpt=str(ckpt), **{**TINY_CAPTIONER, **kwargs})
-    dm = CaptioningDataModule(clotho_root=str(root), batch_size=8, eval_batch_size=8)
+    dm = CaptioningDataModule(clotho_root=str(root), global_batch_size=8, eval_batch_size=8)
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         limit_train_batches=3,
@@ -127,7 +127,10 @@ def test_schedules_follow_the_paper_settings(cached_run):
     # learning rate: linear warm-up over 2 steps then exponential decay, 1e-5 at the end
     assert warmup_exponential(0, 2, total, 1e-3, 1e-5) == pytest.approx(0.5)
     assert warmup_exponential(total, 2, total, 1e-3, 1e-5) * 1e-3 == pytest.approx(1e-5)
-    mid = warmup_exponential(2 + (total - 2) // 2, 2, total, 1e-3, 1e-5)
+    # the peak is the last warm-up step (1); the last step of the run (total - 1) is at final_lr
+    assert warmup_exponential(1, 2, total, 1e-3, 1e-5) == pytest.approx(1.0)
+    assert warmup_exponential(total - 1, 2, total, 1e-3, 1e-5) * 1e-3 == pytest.approx(1e-5)
+    mid = warmup_exponential(1 + (total - 2) // 2, 2, total, 1e-3, 1e-5)
     assert mid == pytest.approx(math.pow(1e-2, ((total - 2) // 2) / (total - 2)))
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-5)
 
@@ -193,7 +196,7 @@ def test_cli_fit_runs_the_demo_config(retrieval_ckpt: Path, synth_root: Path, tm
 @pytest.mark.parametrize("name,table1", [("transformer2", 10.4e6), ("transformer4", 12.5e6), ("gru_attention", 14.6e6)])
 def test_paper_configs_match_table_1(name: str, table1: float):
     config = read_configs([str(REPO / "conf" / "captioning" / f"{name}.yaml")])
-    assert config["trainer"]["max_epochs"] == 25 and config["data"]["init_args"]["batch_size"] == 64
+    assert config["trainer"]["max_epochs"] == 25 and config["data"]["init_args"]["global_batch_size"] == 64
     init = config["model"]["init_args"]
     assert (init["lr"], init["warmup_steps"], init["final_lr"], init["label_smoothing"], init["beam_size"]) == (5e-4, 3000, 5e-7, 0.1, 3)
     assert (init["teacher_forcing_start"], init["teacher_forcing_end"]) == (1.0, 0.7)

@@ -15,12 +15,13 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from aac_lightning.data.datasets import MACS, AudioCaps, CaptionDataset, Clotho, OnMissing
 from aac_lightning.data.samplers import EvenTrainSampler, ShardedEvalSampler
 from aac_lightning.data.splits import resplit, write_split_lists
-from aac_lightning.data.text import Vocabulary, pad_token_ids
+from aac_lightning.data.text import Vocabulary, check_hyphens, pad_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,22 @@ def collate_clips(items: list[dict | None]) -> dict[str, Any]:
     }
 
 
+def per_device_batch_size(global_batch_size: int, world_size: int, accumulate_grad_batches: int = 1) -> int:
+    """The micro-batch each device loads so that one optimizer step sees `global_batch_size` samples.
+
+    Raises a `ValueError` naming the numbers when the global batch does not divide evenly.
+    """
+    shares = world_size * accumulate_grad_batches
+    if global_batch_size % shares:
+        raise ValueError(
+            f"data.global_batch_size={global_batch_size} is not divisible by world size {world_size} x "
+            f"trainer.accumulate_grad_batches {accumulate_grad_batches} = {shares}: each device would load a "
+            "different share of the global batch; choose a global batch (or a device / accumulation count) "
+            "that divides evenly"
+        )
+    return global_batch_size // shares
+
+
 class AudioCaptionDataModule(pl.LightningDataModule):
     """Shared data plumbing of both stages: sources, the Clotho re-split, loaders, DDP samplers.
 
@@ -138,14 +155,20 @@ class AudioCaptionDataModule(pl.LightningDataModule):
         resplit_seed: seed of the re-split.
         sample_rate: rate the audio is resampled to (Hz); `None` (default) follows the model's
             `sample_rate` (its audio encoder's) once attached to a trainer, else 32000.
-        batch_size: per-device training batch size (global batch = this x devices).
-        eval_batch_size: per-device evaluation batch size (defaults to `batch_size`).
+        global_batch_size: training samples per optimizer step, over all devices, nodes and
+            gradient-accumulation micro-batches together: the paper's batch size, whatever the
+            hardware. Each device loads `global_batch_size / (world size x accumulate_grad_batches)`
+            per micro-batch; a run where that does not divide evenly stops before training with an
+            error naming the numbers.
+        batch_size: deprecated name of `global_batch_size` (same meaning; a warning says so).
+        eval_batch_size: per-device evaluation batch size (defaults to the per-device training batch).
         num_workers: data loader worker processes.
         pin_memory: page-locked host memory for faster host-to-GPU copies (defaults to CUDA available).
         on_missing: `error` or `skip` clips whose audio file is missing.
         on_bad_audio: `error` or `skip` (counted, logged) files that cannot be decoded or hold bad samples.
         split_dir: where the re-split's file lists go (default: the trainer's log dir).
-        seed: seed of the training shuffle.
+        seed: seed of the training shuffle; `None` (default) takes the run's seed (`seed_everything`),
+            so runs with different seeds also see different shuffles (0 when no seed is set).
     """
 
     def __init__(
@@ -160,14 +183,15 @@ class AudioCaptionDataModule(pl.LightningDataModule):
         resplit_train_fraction: float = 0.9,
         resplit_seed: int = 0,
         sample_rate: int | None = None,
-        batch_size: int = 32,
+        global_batch_size: int = 32,
+        batch_size: int | None = None,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool | None = None,
         on_missing: OnMissing = "error",
         on_bad_audio: OnMissing = "error",
         split_dir: str | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ):
         super().__init__()
         if not train_sources:
@@ -180,19 +204,28 @@ class AudioCaptionDataModule(pl.LightningDataModule):
         missing = sorted(s for s in needed if self.roots[s] is None)
         if missing:
             raise ValueError(f"data sources {missing} are used but their root is not set ({', '.join(m + '_root' for m in missing)})")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size is not None:
+            rank_zero_warn(
+                "data.batch_size is deprecated: it is the global batch, now named data.global_batch_size "
+                f"(using global_batch_size={batch_size})",
+                category=DeprecationWarning,
+            )
+            global_batch_size = batch_size
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
         self.train_sources = list(train_sources)
         self.val_source, self.test_source = val_source, test_source
         self.resplit, self.resplit_train_fraction, self.resplit_seed = resplit, resplit_train_fraction, resplit_seed
         self.sample_rate = sample_rate
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.global_batch_size = global_batch_size
+        self._eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.on_missing, self.on_bad_audio = on_missing, on_bad_audio
         self.split_dir = split_dir
-        self.seed = seed
+        self._seed = seed
         self._clips: dict[Split, CaptionDataset] = {}
         self._clotho_split: tuple[list[str], list[str]] | None = None
 
@@ -281,11 +314,32 @@ class AudioCaptionDataModule(pl.LightningDataModule):
         log.info("re-split file lists written to %s", path)
 
     # ------------------------------------------------------------------ loaders
+    @property
+    def seed(self) -> int:
+        """Seed of the training shuffle: `seed` if given, else the run's global seed, else 0."""
+        if self._seed is not None:
+            return self._seed
+        value = os.environ.get("PL_GLOBAL_SEED")
+        return int(value) if value not in (None, "") else 0
+
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
         if trainer is None:
             return 1, 0
         return trainer.world_size, trainer.global_rank
+
+    @property
+    def batch_size(self) -> int:
+        """Per-device training micro-batch: `global_batch_size / (world size x accumulate_grad_batches)`."""
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer is not None else 1
+        return per_device_batch_size(self.global_batch_size, world, accumulate)
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Per-device evaluation batch: `eval_batch_size`, else the per-device training batch."""
+        return self._eval_batch_size or self.batch_size
 
     def _loader(self, dataset: Dataset, collate, train: bool) -> DataLoader:
         world, rank = self._world()
@@ -349,6 +403,8 @@ class CaptioningDataModule(AudioCaptionDataModule):
 
     Args:
         vocab_min_count: minimum count of a word to enter the vocabulary.
+        caption_hyphens: how captions are cut into words for the vocabulary: `keep` (default, the
+            authors' PTB tokenisation: "high-pitched" is one word) or `split` ("high pitched").
         vocabulary_path: a saved vocabulary (JSON) to use instead of building one.
         max_caption_words: captions are cut to this many words (plus `<bos>`/`<eos>`) for training.
         train_max_seconds: training audio is cut to this length (`None`: whole clips).
@@ -360,6 +416,7 @@ class CaptioningDataModule(AudioCaptionDataModule):
         self,
         *args,
         vocab_min_count: int = 1,
+        caption_hyphens: Literal["keep", "split"] = "keep",
         vocabulary_path: str | None = None,
         max_caption_words: int = 30,
         train_max_seconds: float | None = None,
@@ -368,6 +425,7 @@ class CaptioningDataModule(AudioCaptionDataModule):
     ):
         super().__init__(*args, **kwargs)
         self.vocab_min_count = vocab_min_count
+        self.caption_hyphens = check_hyphens(caption_hyphens)
         self.vocabulary_path = vocabulary_path
         self.max_caption_words = max_caption_words
         self.train_max_seconds = train_max_seconds
@@ -385,7 +443,7 @@ class CaptioningDataModule(AudioCaptionDataModule):
                 self._vocabulary = Vocabulary.load(self.vocabulary_path)
             else:
                 captions = [c for caps in self.clips("train").captions for c in caps]
-                self._vocabulary = Vocabulary.build(captions, self.vocab_min_count)
+                self._vocabulary = Vocabulary.build(captions, self.vocab_min_count, hyphens=self.caption_hyphens)
         return self._vocabulary
 
     def collate_train(self, items: list[dict | None]) -> dict[str, Any]:

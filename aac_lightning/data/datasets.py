@@ -124,7 +124,9 @@ class CaptionDataset(Dataset):
         name: name of this collection (used in messages and as `subset` default).
         sample_rate: rate the audio is returned at (Hz); `None` keeps each file's own rate.
         on_missing: what to do with clips whose audio file does not exist: `"error"` raises an error
-            naming how many and the first ones; `"skip"` drops them with a logged count.
+            naming how many and the first ones; `"skip"` drops them, with one warning giving the count
+            and the first names; the count is `missing_skipped`, the names `missing_fnames`. (A folder
+            with no audio at all is an error either way.)
         on_bad_audio: what to do with a file that cannot be decoded, is empty or has non-finite
             samples: `"error"` raises; `"skip"` returns `None` for that item (collate functions drop
             it) and counts it in `bad_audio_skipped`.
@@ -147,6 +149,7 @@ class CaptionDataset(Dataset):
         self.on_missing = on_missing
         self.on_bad_audio = on_bad_audio
         self.bad_audio_skipped = 0
+        self.missing_fnames: list[str] = []  # clips dropped because their audio file is missing
         self.records = self._check_files(list(records))
 
     def _check_files(self, records: list[ClipRecord]) -> list[ClipRecord]:
@@ -163,8 +166,14 @@ class CaptionDataset(Dataset):
         if self.on_missing == "error":
             raise FileNotFoundError(msg + "; pass on_missing='skip' to train without them")
         log.warning("%s; skipping them (on_missing='skip')", msg)
+        self.missing_fnames = [r.fname for r in missing]
         missing_keys = {r.key for r in missing}
         return [r for r in records if r.key not in missing_keys]
+
+    @property
+    def missing_skipped(self) -> int:
+        """How many clips were dropped because their audio file is missing (`on_missing="skip"`)."""
+        return len(self.missing_fnames)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -227,7 +236,9 @@ class CaptionDataset(Dataset):
             raise ValueError(f"cannot concatenate datasets with different sample rates {sorted(map(str, rates))}")
         first = datasets[0]
         records = [r for d in datasets for r in d.records]
-        return CaptionDataset(records, name, first.sample_rate, first.on_missing, first.on_bad_audio)
+        combined = CaptionDataset(records, name, first.sample_rate, first.on_missing, first.on_bad_audio)
+        combined.missing_fnames = [f for d in datasets for f in d.missing_fnames]  # what its parts skipped
+        return combined
 
 
 # ---------------------------------------------------------------------------------------------- Clotho
@@ -334,8 +345,9 @@ class AudioCaps(CaptionDataset):
 
     Rows of one clip (same `youtube_id` and `start_time`) are grouped, captions in CSV order (train has
     one caption per clip, val/test five). Audio files are named `<youtube_id>_<start_time>.<audio_format>`
-    as aac-datasets writes them. Clips whose video could not be downloaded are common: pass
-    `on_missing="skip"` to drop them with a logged count.
+    as aac-datasets writes them. Clips whose video could not be downloaded are common (every copy of
+    AudioCaps lacks some): pass `on_missing="skip"` to drop them with a logged count (`missing_skipped`),
+    as the authors' pipeline does (it only lists the clips it has audio for).
     """
 
     def __init__(

@@ -7,6 +7,7 @@ import math
 import os
 import random
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, RandomSampler
 
 from aac_lightning import __version__
+from aac_lightning.modules.schedules import warmup_cosine, warmup_exponential  # noqa: F401 - re-exported for old imports
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +29,32 @@ class HandoffError(ValueError):
     """A checkpoint handed to a stage does not fit it (wrong stage, architecture or keys)."""
 
 
+# Stage kind -> function filling, in place, the hyper-parameters that a checkpoint written by an older
+# package version lacks (with the values that rebuild the model it was trained as); it returns the
+# names it filled. Registered by the modules that own the kinds.
+CHECKPOINT_UPGRADES: dict[str, Callable[[dict[str, Any]], list[str]]] = {}
+UPGRADED_KEY = "upgraded_hyper_parameters"
+
+
+def package_version(ckpt: dict[str, Any]) -> tuple[int, ...]:
+    """The package version a checkpoint was written with, as numbers (`(0,)` when unrecorded)."""
+    text = str((ckpt.get(METADATA_KEY) or {}).get("version") or "0")
+    parts = []
+    for part in text.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) or (0,)
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint of this package, loaded on the CPU.
 
     Checkpoints written by this package hold only tensors, numbers, strings, lists and dicts, so they
-    load with `weights_only=True`; a checkpoint that needs arbitrary code to unpickle is refused.
+    load with `weights_only=True`; a checkpoint that needs arbitrary code to unpickle is refused. The
+    hyper-parameters of a checkpoint from an older package version are completed with the values
+    that rebuild it (`CHECKPOINT_UPGRADES`); the names filled are listed under `UPGRADED_KEY`.
     """
     path = Path(path)
     if not path.is_file():
@@ -42,6 +65,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise HandoffError(f"cannot load checkpoint '{path}' safely (weights_only=True): {err}") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise HandoffError(f"'{path}' is not a Lightning checkpoint (no 'state_dict' entry)")
+    upgrade = CHECKPOINT_UPGRADES.get(checkpoint_kind(ckpt))
+    if upgrade is not None and isinstance(ckpt.get("hyper_parameters"), dict):
+        ckpt[UPGRADED_KEY] = upgrade(ckpt)
     return ckpt
 
 
@@ -257,7 +283,10 @@ class AACModule(pl.LightningModule):
     def load_for_inference(cls, path: str | Path, map_location: str | torch.device = "cpu", **overrides: Any):
         """Rebuild a module from its checkpoint alone (no handoff files, no downloads), in eval mode."""
         ckpt = read_checkpoint(path)
-        kwargs = cls.offline_build_overrides(dict(ckpt.get("hyper_parameters", {})))
+        hparams = dict(ckpt.get("hyper_parameters", {}))
+        # Values an older checkpoint lacks, so its model is rebuilt as it was trained.
+        kwargs = {name: hparams[name] for name in ckpt.get(UPGRADED_KEY, ())}
+        kwargs.update(cls.offline_build_overrides(hparams))
         kwargs.update(overrides)
         module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **kwargs)
         return module.eval()
@@ -270,19 +299,3 @@ class AACModule(pl.LightningModule):
         """
         return {name: None for name in cls.handoff_arguments}
 
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate factor: linear warm-up from ~0 to 1 over `warmup_steps`, then cosine decay to 0."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def warmup_exponential(step: int, warmup_steps: int, total_steps: int, peak_lr: float, final_lr: float) -> float:
-    """Learning-rate factor: linear warm-up to `peak_lr`, then exponential decay reaching `final_lr` at the end."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return (final_lr / peak_lr) ** progress

@@ -15,15 +15,17 @@ from aac_lightning.data.text import Vocabulary, normalize_caption, tokenize_capt
 from aac_lightning.features import FeatureCache, state_dict_sha256
 from aac_lightning.metrics.cider import cider_d
 from aac_lightning.modules.base import (
+    CHECKPOINT_UPGRADES,
     AACModule,
     HandoffError,
     extract_submodule_state,
     load_state_dict_strict,
-    warmup_exponential,
+    package_version,
 )
+from aac_lightning.modules.schedules import check_warmup, step_budget, warmup_exponential
 from aac_lightning.nn.audio_encoders import AudioEncoder, load_audio_encoder
 from aac_lightning.nn.captioning import build_caption_model
-from aac_lightning.nn.decoding import beam_search
+from aac_lightning.nn.decoding import DEFAULT_MAX_LENGTH, FINISHED_RULES, beam_search
 from aac_lightning.utils.distributed import is_distributed
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,47 @@ def vocabulary_mismatch_message(first: Vocabulary, first_source: str, second: Vo
     )
 
 
+# What the captioners of package versions before 0.2 were, where later options changed the defaults
+# (the SJTU-fidelity options): their checkpoints record neither the options nor these values.
+LEGACY_ENCODER_KWARGS = {"encoder_dropout": 0.2, "encoder_input_dropout": 0.0, "scheduled_sampling": "row"}
+LEGACY_DECODER_KWARGS = {
+    "transformer": {
+        "memory_projection": "linear",
+        "scale_embedding": False,
+        "double_embedding_dropout": False,
+        "positional_encoding": "sinusoidal",
+        "weight_init": "pytorch",
+    },
+    "gru_attention": {"output_dropout": None, "weight_init": "pytorch"},
+}
+
+
+def upgrade_captioner_hparams(ckpt: dict[str, Any]) -> list[str]:
+    """Fill the hyper-parameters a captioner checkpoint from before version 0.2 lacks; returns their names."""
+    if package_version(ckpt) >= (0, 2):
+        return []
+    hparams = ckpt["hyper_parameters"]
+    filled = []
+    encoder = dict(hparams.get("encoder_kwargs") or {})
+    decoder = dict(hparams.get("decoder_kwargs") or {})
+    given = set(encoder) | set(decoder)
+    for name, value in LEGACY_ENCODER_KWARGS.items():
+        if name not in given:
+            encoder[name] = value
+    for name, value in LEGACY_DECODER_KWARGS.get(hparams.get("decoder", "transformer"), {}).items():
+        decoder.setdefault(name, value)
+    if encoder != (hparams.get("encoder_kwargs") or {}):
+        hparams["encoder_kwargs"] = encoder
+        filled.append("encoder_kwargs")
+    if decoder != (hparams.get("decoder_kwargs") or {}):
+        hparams["decoder_kwargs"] = decoder
+        filled.append("decoder_kwargs")
+    if "caption_hyphens" not in hparams:
+        hparams["caption_hyphens"] = "split"
+        filled.append("caption_hyphens")
+    return filled
+
+
 class CaptioningXE(AACModule):
     """Captioner trained with label-smoothed cross-entropy and scheduled sampling (report Section 2.2).
 
@@ -99,11 +142,20 @@ class CaptioningXE(AACModule):
         encoder_kwargs: arguments of the BiGRU encoder (`encoder_hidden_size`, `encoder_num_layers`, `encoder_dropout`).
         vocab_size: number of words when no vocabulary is given (parameter counts only).
         vocabulary: the word list; `None` takes the datamodule's at setup.
+        caption_hyphens: how `vocabulary` cuts captions into words, `keep` (PTB, the authors') or
+            `split`; recorded from the vocabulary actually used (a checkpoint without it used `split`).
         feature_cache_dir: folder of the extractor's feature cache; `None` runs the extractor online.
         label_smoothing: label smoothing of the cross-entropy.
-        lr: peak learning rate of Adam; warmup_steps: iterations of linear warm-up; final_lr: rate at the end.
+        lr: peak learning rate of Adam; warmup_steps: optimizer steps of linear warm-up (one step = one
+            global batch, whatever the number of devices); final_lr: rate at the last step.
+        weight_decay: Adam's L2 weight decay (SJTU recipe: 1e-6, the authors' XE config; 0 turns it off).
         teacher_forcing_start / teacher_forcing_end: teacher-forcing probability, linear over training.
-        beam_size: beam of the evaluation decoding; max_decode_length: longest decoded caption.
+        beam_size: beam of the evaluation decoding; max_decode_length: longest decoded caption (the
+            authors' 20).
+        beam_finished, length_penalty: the beam search's rule (see `beam_search`): `collect` takes a
+            finished hypothesis out of the beam and the live ones go on; the best is chosen by
+            `score / length ** length_penalty` (the authors': `collect`, 1.0); `keep`, 0.0 is the raw
+            sum with finished beams competing in the beam (this package before 0.2).
         init_from: an `xe` / `scst` checkpoint whose captioner weights start this run (weights only, strict);
             without `extractor_ckpt` its frozen extractor and, without `vocabulary`, its vocabulary are kept.
         nonfinite_loss: `error` (raise on a NaN/inf training loss) or `skip` (skip the step, counted
@@ -130,19 +182,25 @@ class CaptioningXE(AACModule):
         encoder_kwargs: dict[str, Any] | None = None,
         vocab_size: int | None = None,
         vocabulary: list[str] | None = None,
+        caption_hyphens: str = "keep",
         feature_cache_dir: str | None = None,
         label_smoothing: float = 0.1,
         lr: float = 5e-4,
+        weight_decay: float = 1e-6,
         warmup_steps: int = 3000,
         final_lr: float = 5e-7,
         teacher_forcing_start: float = 1.0,
         teacher_forcing_end: float = 0.7,
         beam_size: int = 3,
-        max_decode_length: int = 30,
+        max_decode_length: int = DEFAULT_MAX_LENGTH,
+        beam_finished: str = "collect",
+        length_penalty: float = 1.0,
         init_from: str | None = None,
         nonfinite_loss: str = "error",
     ):
         super().__init__(nonfinite_loss=nonfinite_loss)
+        if beam_finished not in FINISHED_RULES:
+            raise ValueError(f"beam_finished must be one of {list(FINISHED_RULES)}, got {beam_finished!r}")
         for name, value in (("teacher_forcing_start", teacher_forcing_start), ("teacher_forcing_end", teacher_forcing_end)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
@@ -169,7 +227,9 @@ class CaptioningXE(AACModule):
             vocabulary = init_ckpt["hyper_parameters"].get("vocabulary")
             if vocabulary is not None:
                 self._vocabulary_source = f"checkpoint '{init_from}'"
+                caption_hyphens = init_ckpt["hyper_parameters"].get("caption_hyphens", "split")
         self.save_hyperparameters()
+        self.hparams["caption_hyphens"] = caption_hyphens
         self.hparams["vocabulary"] = vocabulary
         self.hparams["extractor"] = extractor
         self.extractor: FrozenExtractor | None = None
@@ -184,7 +244,7 @@ class CaptioningXE(AACModule):
         self.vocab: Vocabulary | None = None
         self.model: nn.Module | None = None
         if vocabulary is not None:
-            self._build_captioner(Vocabulary(vocabulary))
+            self._build_captioner(Vocabulary(vocabulary, hyphens=caption_hyphens))
         elif vocab_size is not None:
             self._build_captioner(None, vocab_size)
         self.feature_cache: FeatureCache | None = None
@@ -227,6 +287,7 @@ class CaptioningXE(AACModule):
                 raise ValueError(f"vocab_size={self.model.vocab_size} but the datamodule's vocabulary has {len(vocab)} words")
             self.vocab = vocab
             self.hparams["vocabulary"] = list(vocab.words)  # the checkpoint carries it
+            self.hparams["caption_hyphens"] = vocab.hyphens
             self.hparams["vocab_size"] = len(vocab)
         elif datamodule is not None and hasattr(datamodule, "vocabulary"):
             # The model already has a vocabulary (handoff, argument, an earlier fit): the data follow it.
@@ -240,8 +301,14 @@ class CaptioningXE(AACModule):
         words = (checkpoint.get("hyper_parameters") or {}).get("vocabulary")
         if words is None or self.vocab is None:
             return
-        vocab = Vocabulary(words)
+        recorded = checkpoint.get("hyper_parameters") or {}
+        vocab = Vocabulary(words, hyphens=recorded.get("caption_hyphens", "split"))
         if vocab == self.vocab:
+            return
+        if "caption_hyphens" not in recorded and vocab.words == self.vocab.words:
+            # A checkpoint from before `caption_hyphens`: the same words, cut with hyphens split.
+            self.vocab = vocab
+            self.hparams["caption_hyphens"] = vocab.hyphens
             return
         trainer = self._trainer
         source = f"checkpoint '{trainer.ckpt_path}'" if trainer is not None and trainer.ckpt_path is not None else "the checkpoint"
@@ -252,6 +319,7 @@ class CaptioningXE(AACModule):
         self._build_captioner(vocab)
         self._vocabulary_source = source
         self.hparams["vocabulary"] = list(vocab.words)
+        self.hparams["caption_hyphens"] = vocab.hyphens
         self.hparams["vocab_size"] = len(vocab)
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "vocabulary"):
@@ -278,7 +346,7 @@ class CaptioningXE(AACModule):
 
     def _report_unknown_words(self, captions: list[list[str]]) -> tuple[int, int]:
         """Count (and log once) the training caption words missing from the model's vocabulary."""
-        counts = Counter(word for caps in captions for caption in caps for word in tokenize_caption(caption))
+        counts = Counter(word for caps in captions for caption in caps for word in tokenize_caption(caption, self.vocab.hyphens))
         unknown = Counter({word: n for word, n in counts.items() if word not in self.vocab.index})
         missing, total = sum(unknown.values()), sum(counts.values())
         self.unknown_caption_words = (missing, total)
@@ -357,9 +425,12 @@ class CaptioningXE(AACModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=self.hparams.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        optimizer = torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # Over the optimizer steps the run really takes: the same on any number of devices (global batch).
+        budget = step_budget(self.trainer)
+        total = budget.total
         warmup, peak, final = self.hparams.warmup_steps, self.hparams.lr, self.hparams.final_lr
+        check_warmup(f"warmup_steps={warmup}", warmup, budget, self.trainer)
         scheduler = LambdaLR(optimizer, lambda step: warmup_exponential(step, warmup, total, peak, final))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -377,6 +448,8 @@ class CaptioningXE(AACModule):
             bos_id=vocab.bos_id,
             eos_id=vocab.eos_id,
             pad_id=vocab.pad_id,
+            finished=self.hparams.beam_finished,
+            length_penalty=self.hparams.length_penalty,
         )
         return vocab.decode_batch(tokens)
 
@@ -405,8 +478,8 @@ class CaptioningXE(AACModule):
         outputs = self._gather_outputs()
         if len(outputs) < 2:  # CIDEr-D's document frequencies need at least two clips
             return
-        candidates = [normalize_caption(c) for _, c, _ in outputs]
-        references = [[normalize_caption(r) for r in refs] for _, _, refs in outputs]
+        candidates = [normalize_caption(c, self.vocab.hyphens) for _, c, _ in outputs]
+        references = [[normalize_caption(r, self.vocab.hyphens) for r in refs] for _, _, refs in outputs]
         score, _ = cider_d(candidates, references)
         self.log("val/cider_d", score, prog_bar=True, sync_dist=False, rank_zero_only=False)
 
@@ -434,4 +507,9 @@ class CaptioningXE(AACModule):
             hparams[name] = None
         if self.vocab is not None:
             hparams["vocabulary"] = list(self.vocab.words)
+            hparams["caption_hyphens"] = self.vocab.hyphens
             hparams["vocab_size"] = len(self.vocab)
+
+
+CHECKPOINT_UPGRADES["xe"] = upgrade_captioner_hparams
+CHECKPOINT_UPGRADES["scst"] = upgrade_captioner_hparams

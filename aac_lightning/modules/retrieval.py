@@ -6,10 +6,12 @@ import logging
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 
 from aac_lightning.metrics.retrieval import audio_to_text_metrics, retrieval_metrics
-from aac_lightning.modules.base import AACModule, extract_submodule_state, load_state_dict_strict, warmup_cosine
+from aac_lightning.modules.base import AACModule, extract_submodule_state, load_state_dict_strict
+from aac_lightning.modules.schedules import check_warmup, step_budget, warmup_cosine
 from aac_lightning.nn.audio_encoders import load_audio_encoder
 from aac_lightning.nn.bi_encoder import BiEncoder
 from aac_lightning.nn.contrastive import ContrastiveLoss
@@ -28,7 +30,8 @@ class ContrastiveRetrieval(AACModule):
         audio_checkpoint: official PANNs / AST weights to start the audio encoder from.
         text_encoder: hub id, local directory or alias (`minilm-l6`) of the text encoder.
         text_pretrained: start the text encoder from its pretrained weights (else random, offline).
-        text_max_length: tokens per caption after truncation.
+        text_max_length: tokens per caption after truncation (special tokens included); 30 as the
+            authors' `max_text_length` (configs/data.json of wsntxxn/DCASE2022T6_CLAP).
         text_pooling: `cls` (first token, the report's choice) or `mean`.
         embed_dim: size of the shared embedding space.
         init_temperature: initial softmax temperature (trainable, logit scale clamped at 100).
@@ -39,7 +42,11 @@ class ContrastiveRetrieval(AACModule):
         weight_decay: Adam weight decay (never applied to the temperature).
         warmup_epochs: epochs of linear warm-up before the cosine decay.
         gather_negatives: under DDP, use the global batch as negatives.
-        mask_same_clip: captions of the same clip in a batch are not each other's negatives.
+        mask_same_clip: captions of the same clip in a batch are not each other's negatives
+            (taken out of the softmax). False: plain diagonal targets, as eq. 6 and the authors' code.
+        loss_direction_reduction: `mean` averages the audio-to-text and text-to-audio losses, as the
+            authors' code (`models/loss.py`); `sum` adds them, as eq. 6 of the report (twice the value;
+            the same training under Adam up to its epsilon).
         init_from: a contrastive checkpoint whose weights start this run (fine-tuning; weights only,
             strict). Resuming the same run uses the trainer's `ckpt_path` instead.
         nonfinite_loss: `error` (raise on a NaN/inf training loss) or `skip` (skip the step, counted
@@ -58,7 +65,7 @@ class ContrastiveRetrieval(AACModule):
         audio_checkpoint: str | None = None,
         text_encoder: str = "bert-base-uncased",
         text_pretrained: bool = True,
-        text_max_length: int = 64,
+        text_max_length: int = 30,
         text_pooling: str = "cls",
         embed_dim: int = 1024,
         init_temperature: float = 0.07,
@@ -67,7 +74,8 @@ class ContrastiveRetrieval(AACModule):
         weight_decay: float = 0.0,
         warmup_epochs: float = 1.0,
         gather_negatives: bool = True,
-        mask_same_clip: bool = True,
+        mask_same_clip: bool = False,
+        loss_direction_reduction: str = "mean",
         init_from: str | None = None,
         nonfinite_loss: str = "error",
     ):
@@ -76,7 +84,7 @@ class ContrastiveRetrieval(AACModule):
         audio = load_audio_encoder(audio_encoder, audio_checkpoint, **(audio_encoder_kwargs or {}))
         text = TextEncoder(text_encoder, pretrained=text_pretrained, max_length=text_max_length, pooling=text_pooling)
         self.model = BiEncoder(audio, text, embed_dim=embed_dim, init_temperature=init_temperature)
-        self.loss_fn = ContrastiveLoss(gather=gather_negatives)
+        self.loss_fn = ContrastiveLoss(gather=gather_negatives, direction_reduction=loss_direction_reduction)
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
         if init_from is not None:
             ckpt = self.load_handoff(init_from, expected_kinds=("contrastive",))
@@ -118,9 +126,16 @@ class ContrastiveRetrieval(AACModule):
                 {"params": [p for n, p in params if n in no_decay], "weight_decay": 0.0, "lr": lr},
             ]
         optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=self.hparams.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, self.trainer.max_epochs or 1)
-        warmup = int(round(self.hparams.warmup_epochs * total / epochs))
+        # Over the optimizer steps the run really takes: the same on any number of devices (global batch).
+        budget = step_budget(self.trainer)
+        if getattr(self.trainer, "accumulate_grad_batches", 1) > 1:
+            rank_zero_warn(
+                f"accumulate_grad_batches={self.trainer.accumulate_grad_batches}: each InfoNCE term sees the negatives "
+                "of its micro-batch only, not of the whole global batch"
+            )
+        total = budget.total
+        warmup = int(round(self.hparams.warmup_epochs * budget.steps_per_epoch))
+        check_warmup(f"warmup_epochs={self.hparams.warmup_epochs}", warmup, budget, self.trainer)
         scheduler = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -173,7 +188,10 @@ class ContrastiveRetrieval(AACModule):
         audio_emb, clip_ids = emb["audio_emb"][order], emb["clip_ids"][order]
         targets = torch.searchsorted(clip_ids, emb["caption_clip"])
         sim_t2a = emb["text_emb"] @ audio_emb.T  # (captions, clips) cosine
-        metrics = {f"{prefix}/t2a/{k}": v for k, v in retrieval_metrics(sim_t2a, targets).items()}
+        t2a = retrieval_metrics(sim_t2a, targets)
+        # The authors keep the checkpoint with the best geometric mean of R@1, R@5 and R@10 (CLAP configs/base.json).
+        t2a["geomean_R@1_R@5_R@10"] = (float(t2a["R@1"]) * float(t2a["R@5"]) * float(t2a["R@10"])) ** (1.0 / 3.0)
+        metrics = {f"{prefix}/t2a/{k}": v for k, v in t2a.items()}
         metrics.update({f"{prefix}/a2t/{k}": v for k, v in audio_to_text_metrics(sim_t2a.T, targets).items()})
         # Every rank holds the same global numbers: no further reduction.
         self.log_dict(metrics, sync_dist=False, rank_zero_only=False)

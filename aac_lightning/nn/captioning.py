@@ -15,10 +15,18 @@ Parameter counts for a 4368-word vocabulary and 2048-d input features (the repor
 ========================================  ==========  ===========
 configuration                             parameters  report
 ========================================  ==========  ===========
-BiGRU(256)x3 + Transformer(256)x2         10,386,448  10.4M
-BiGRU(256)x3 + Transformer(256)x4         12,493,328  12.5M
+BiGRU(256)x3 + Transformer(256)x2         10,386,960  10.4M
+BiGRU(256)x3 + Transformer(256)x4         12,493,840  12.5M
 BiGRU(256)x3 + GRU(512)x1 with attention  14,584,080  14.6M
 ========================================  ==========  ===========
+
+(The Transformer counts include the 512 parameters of the memory projection's LayerNorm of the
+authors' decoder; with ``memory_projection="linear"`` they are 10,386,448 and 12,493,328.)
+
+The defaults follow the SJTU authors' released code (github.com/wsntxxn/AudioCaption,
+``configs/dcase2022/waveform/cnn14rnn_2trm.yaml`` and ``captioning/models``); each departure of this
+package's earlier model from it is a named option whose old value is listed in
+:func:`build_caption_model`, so that checkpoints of the earlier model still load.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ __all__ = [
     "TransformerDecoderBlock",
     "build_caption_model",
     "lengths_to_mask",
+    "random_positional_table",
     "sinusoidal_positional_encoding",
 ]
 
@@ -155,14 +164,34 @@ class BiGRUEncoder(nn.Module):
     layer 1 ``2 * 3 * 256 * (2048 + 256 + 2) = 3,542,016``, layers 2-3
     ``2 * 2 * 3 * 256 * (512 + 256 + 2) = 2,365,440``; total 5,907,456.
 
+    Two dropouts, both active in training mode only:
+
+    * ``input_dropout`` on the extractor's frame features. The SJTU code (``Cnn14Encoder.forward`` in
+      ``captioning/models/encoder.py``) drops the last CNN14 block's output with p=0.2 while training,
+      and that output is what its RNN encoder reads. Here the extractor is frozen and its frames may
+      come from an on-disk cache of eval-mode features, so that dropout lives in the captioner.
+      (The authors drop the (time, frequency) map before averaging its 2 frequency bins; dropping the
+      averaged frame keeps the mean and is as close as cached averaged frames allow.)
+    * ``dropout`` between stacked GRU layers (``nn.GRU``'s own dropout; none on the output), which is
+      where the authors' ``RnnEncoder`` applies its 0.5.
+
     Args:
         input_dim: feature dimension D of the audio extractor (2048 for CNN14).
         hidden_size: GRU hidden size per direction; the memory has ``2 * hidden_size`` channels.
         num_layers: number of stacked bidirectional layers.
-        dropout: dropout between GRU layers (not after the last one).
+        dropout: dropout between GRU layers (not after the last one). Authors 0.5; before 0.2.
+        input_dropout: dropout on the input frame features. Authors 0.2; 0.0 disables it (the
+            behaviour before this option existed).
     """
 
-    def __init__(self, input_dim: int, hidden_size: int = 256, num_layers: int = 3, dropout: float = 0.2) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_size: int = 256,
+        num_layers: int = 3,
+        dropout: float = 0.5,
+        input_dropout: float = 0.2,
+    ) -> None:
         super().__init__()
         if input_dim < 1 or hidden_size < 1 or num_layers < 1:
             raise ValueError(
@@ -170,9 +199,12 @@ class BiGRUEncoder(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        if not 0.0 <= input_dropout < 1.0:
+            raise ValueError(f"input_dropout must lie in [0, 1), got {input_dropout}")
         self.input_dim = input_dim
         self.hidden_size = hidden_size
         self.output_dim = 2 * hidden_size
+        self.input_dropout = nn.Dropout(input_dropout)  # no parameters: state dicts are unchanged
         self.gru = nn.GRU(
             input_dim,
             hidden_size,
@@ -186,6 +218,7 @@ class BiGRUEncoder(nn.Module):
         """Encode ``features`` (B, T, D) whose clip ``b`` has ``feature_lengths[b]`` valid frames."""
         _check_features(features, feature_lengths, self.input_dim)
         num_frames = features.shape[1]
+        features = self.input_dropout(features)  # identity in eval mode
         # pack_padded_sequence wants the lengths on the CPU.
         packed = pack_padded_sequence(features, feature_lengths.cpu(), batch_first=True, enforce_sorted=False)
         packed_out, _ = self.gru(packed)
@@ -310,14 +343,46 @@ class TransformerDecoderBlock(nn.Module):
         return x, keys, values
 
 
-class TransformerCaptionDecoder(nn.Module):
-    """Transformer word decoder: embedding + sinusoidal positions, causal decoder layers, classifier.
+def random_positional_table(max_length: int, d_model: int, generator: torch.Generator | None = None) -> Tensor:
+    """Fixed random position table (max_length, d_model) of the SJTU Transformer decoder as trained.
 
-    The encoder memory (``memory_dim`` channels) is projected to ``d_model`` by a linear layer.
+    The authors' ``PositionalEncoding`` (``captioning/models/utils.py``) stores its sinusoidal table as
+    a parameter of shape (max_length, 1, d_model) with ``requires_grad=False``, and
+    ``TransformerDecoder.init_params`` (``captioning/models/decoder.py``) then applies
+    ``xavier_uniform_`` to every parameter with more than one dimension, that table included. The
+    decoder they trained therefore adds a frozen table drawn from U(-a, a) with
+    ``a = sqrt(6 / (fan_in + fan_out)) = sqrt(6 / (d_model + max_length * d_model))`` (0.0152 for
+    d_model=256, max_length=100) instead of the sinusoids.
+    """
+    bound = math.sqrt(6.0 / (d_model * (1 + max_length)))
+    table = torch.empty(max_length, d_model)
+    return table.uniform_(-bound, bound, generator=generator)
+
+
+def _uniform_(weight: Tensor, bound: float) -> None:
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)
+
+
+def _xavier_bound(fan_in: int, fan_out: int) -> float:
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+class TransformerCaptionDecoder(nn.Module):
+    """Transformer word decoder: embedding + positions, causal post-norm decoder layers, classifier.
+
     Parameters with ``vocab_size=4368``, ``d_model=256``, ``dim_feedforward=1024``, ``memory_dim=512``:
-    embedding ``4368 * 256 = 1,118,208``, memory projection ``512 * 256 + 256 = 131,328``,
-    1,053,440 per layer, classifier ``256 * 4368 + 4368 = 1,122,576``; 4,478,992 with 2 layers
-    (10,386,448 with the BiGRU encoder) and 6,585,872 with 4 layers (12,493,328).
+    embedding ``4368 * 256 = 1,118,208``, memory projection ``512 * 256 + 256 = 131,328`` (plus a
+    LayerNorm ``2 * 256 = 512`` with ``memory_projection="relu_norm"``), 1,053,440 per layer,
+    classifier ``256 * 4368 + 4368 = 1,122,576``; with 2 layers 4,479,504 (10,386,960 with the BiGRU
+    encoder; 4,478,992 / 10,386,448 with ``"linear"``) and with 4 layers 6,586,384 (12,493,840;
+    6,585,872 / 12,493,328 with ``"linear"``).
+
+    The defaults follow the SJTU ``TransformerDecoder`` (``captioning/models/decoder.py``, config
+    ``configs/dcase2022/waveform/cnn14rnn_2trm.yaml``): 4 heads (``d_model // 64``), feed-forward
+    ``4 * d_model``, ReLU, post-norm layers, dropout 0.2, an untied classifier, no clip-level vector.
+    These options switch its remaining details; the values in brackets rebuild this class as it was
+    before they existed (same state-dict keys, same function):
 
     Args:
         vocab_size: number of words, special tokens included.
@@ -325,10 +390,34 @@ class TransformerCaptionDecoder(nn.Module):
         num_layers: number of decoder layers.
         nhead: attention heads.
         dim_feedforward: inner width of the feed-forward blocks.
-        dropout: dropout on embeddings, attention weights, residual branches.
+        dropout: dropout on embeddings, attention weights, residual branches (and inside the memory
+            projection with ``"relu_norm"``).
         memory_dim: channels of the encoder memory.
         max_length: longest token sequence (bos included) the positional table covers.
+        memory_projection: ``"relu_norm"`` (authors): ``LayerNorm(Dropout(ReLU(Linear(memory))))``;
+            the LayerNorm adds the state-dict keys ``memory_norm.weight`` / ``.bias``.
+            [``"linear"``: a single Linear.]
+        scale_embedding: multiply the word embeddings by ``sqrt(d_model)`` before adding the positions
+            (authors). [False]
+        double_embedding_dropout: apply ``dropout`` to the word embeddings and again to their sum with
+            the positions (authors: ``in_dropout`` then ``PositionalEncoding``'s dropout). [False:
+            once, on the sum.]
+        positional_encoding: ``"random"`` (authors, as their code actually ran: see
+            :func:`random_positional_table`; a persistent buffer, saved in checkpoints under
+            ``positional_encoding``) or [``"sinusoidal"``: Vaswani et al., recomputed, not saved].
+        weight_init: ``"xavier"`` (authors: ``xavier_uniform_`` on every weight matrix, embedding and
+            classifier included, each attention's fused (3 d, d) input projection treated as one
+            matrix; attention biases zero as in ``nn.MultiheadAttention``; other biases and the
+            LayerNorms at PyTorch's defaults). [``"pytorch"``: PyTorch's default initialisation.]
     """
+
+    MEMORY_PROJECTIONS = ("relu_norm", "linear")
+    POSITIONAL_ENCODINGS = ("random", "sinusoidal")
+    WEIGHT_INITS = ("xavier", "pytorch")
+
+    # Scheduled sampling in CaptionModel's "batch" mode: the SJTU Transformer re-reads its whole
+    # prefix at every step, which is either the reference prefix or the model's own greedy one.
+    scheduled_sampling_unit = "prefix"
 
     def __init__(
         self,
@@ -340,6 +429,11 @@ class TransformerCaptionDecoder(nn.Module):
         dropout: float = 0.2,
         memory_dim: int = 512,
         max_length: int = 100,
+        memory_projection: str = "relu_norm",
+        scale_embedding: bool = True,
+        double_embedding_dropout: bool = True,
+        positional_encoding: str = "random",
+        weight_init: str = "xavier",
     ) -> None:
         super().__init__()
         for name, value in [
@@ -355,24 +449,65 @@ class TransformerCaptionDecoder(nn.Module):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        for name, value, allowed in [
+            ("memory_projection", memory_projection, self.MEMORY_PROJECTIONS),
+            ("positional_encoding", positional_encoding, self.POSITIONAL_ENCODINGS),
+            ("weight_init", weight_init, self.WEIGHT_INITS),
+        ]:
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
         self.vocab_size = vocab_size
         self.d_model = d_model
         self.max_length = max_length
+        self.memory_projection_kind = memory_projection
+        self.embedding_scale = math.sqrt(d_model) if scale_embedding else 1.0
+        self.double_embedding_dropout = bool(double_embedding_dropout)
         self.word_embedding = nn.Embedding(vocab_size, d_model)
-        # Not saved in checkpoints: a function of (max_length, d_model) only.
-        self.register_buffer(
-            "positional_encoding", sinusoidal_positional_encoding(max_length, d_model), persistent=False
-        )
+        if positional_encoding == "sinusoidal":
+            # Not saved in checkpoints: a function of (max_length, d_model) only.
+            self.register_buffer(
+                "positional_encoding", sinusoidal_positional_encoding(max_length, d_model), persistent=False
+            )
+        else:
+            # Random: saved with the weights, or a reloaded model would read other positions.
+            self.register_buffer("positional_encoding", random_positional_table(max_length, d_model))
         self.memory_projection = nn.Linear(memory_dim, d_model)
+        self.memory_norm = nn.LayerNorm(d_model) if memory_projection == "relu_norm" else None
+        self.memory_dropout = nn.Dropout(dropout)
         self.embedding_dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
             TransformerDecoderBlock(d_model, nhead, dim_feedforward, dropout) for _ in range(num_layers)
         )
         self.classifier = nn.Linear(d_model, vocab_size)
+        if weight_init == "xavier":
+            self._xavier_init()
+
+    def _xavier_init(self) -> None:
+        """The authors' ``init_params``: xavier-uniform weight matrices, see the class docstring."""
+        d = self.d_model
+        nn.init.xavier_uniform_(self.word_embedding.weight)
+        nn.init.xavier_uniform_(self.memory_projection.weight)
+        nn.init.xavier_uniform_(self.classifier.weight)
+        fused_bound = _xavier_bound(d, 3 * d)  # nn.MultiheadAttention's (3d, d) in_proj_weight
+        for layer in self.layers:
+            _uniform_(layer.self_qkv.weight, fused_bound)
+            _uniform_(layer.cross_query.weight, fused_bound)
+            _uniform_(layer.cross_key_value.weight, fused_bound)
+            for linear in (layer.self_out, layer.cross_out, layer.feedforward_in, layer.feedforward_out):
+                nn.init.xavier_uniform_(linear.weight)
+            for linear in (layer.self_qkv, layer.self_out, layer.cross_query, layer.cross_key_value, layer.cross_out):
+                nn.init.zeros_(linear.bias)
+
+    def project_memory(self, memory: Tensor) -> Tensor:
+        """The memory (N, T, memory_dim) projected to the model width (N, T, d_model)."""
+        projected = self.memory_projection(memory)
+        if self.memory_norm is not None:
+            projected = self.memory_norm(self.memory_dropout(F.relu(projected)))
+        return projected
 
     def init_state(self, memory: Tensor, memory_mask: Tensor, clip_vector: Tensor) -> DecodingState:
         """State for decoding from the encoder memory (N, T, memory_dim) and its mask (N, T)."""
-        projected = self.memory_projection(memory)  # (N, T, D)
+        projected = self.project_memory(memory)  # (N, T, D)
         clip: dict[str, Tensor] = {"memory_mask": memory_mask}
         for index, layer in enumerate(self.layers):
             clip[f"memory_keys_{index}"], clip[f"memory_values_{index}"] = layer.project_memory(projected)
@@ -391,8 +526,12 @@ class TransformerCaptionDecoder(nn.Module):
             raise ValueError(
                 f"token sequence of length {stop} exceeds the decoder's max_length={self.max_length}"
             )
-        x = self.word_embedding(tokens) + self.positional_encoding[start:stop]  # (N, n, D)
-        x = self.embedding_dropout(x)
+        x = self.word_embedding(tokens)  # (N, n, D)
+        if self.embedding_scale != 1.0:
+            x = x * self.embedding_scale
+        if self.double_embedding_dropout:
+            x = self.embedding_dropout(x)
+        x = self.embedding_dropout(x + self.positional_encoding[start:stop])
         cache: dict[str, Tensor] = {}
         for index, layer in enumerate(self.layers):
             x, cache[f"keys_{index}"], cache[f"values_{index}"] = layer(
@@ -430,14 +569,33 @@ class GRUAttentionDecoder(nn.Module):
     classifier ``512 * 4368 + 4368 = 2,240,784``. Total 8,676,624, i.e. 14,584,080 with the BiGRU
     encoder.
 
+    This is the SJTU ``BahAttnDecoder`` (``captioning/models/decoder.py``, used by their
+    ``Seq2SeqAttnModel``): the same inputs (word, projected context, projected clip vector; their
+    order inside the concatenation differs, which only permutes weight columns), the same additive
+    attention (their ``Seq2SeqAttention`` applies one Linear to ``[h; m_j]``; ``W_h`` and ``W_m`` here
+    are its two column blocks), zero initial state, the mean of the memory as clip vector. The values
+    in brackets rebuild this class as it was before these options existed.
+
     Args:
         vocab_size: number of words, special tokens included.
         hidden_size: GRU hidden size H.
         embed_dim: word embedding size E (also the size of the projected clip vector and context).
         memory_dim: channels of the encoder memory M.
         attention_dim: size A of the additive attention's hidden layer.
-        dropout: dropout on the embeddings and before the classifier.
+        dropout: dropout on the word embeddings.
+        output_dropout: dropout on the GRU output before the classifier. Authors 0.0 (their
+            classifier reads the GRU output directly). [None: the same as ``dropout``.]
+        weight_init: ``"kaiming"`` (authors' ``init``: ``kaiming_uniform_`` on the embedding and on
+            every Linear weight, zero Linear biases; ``W_h`` and ``W_m`` with the fan-in ``H + M`` of
+            the authors' single Linear; the score vector ``v`` from N(0, 1) like their
+            ``torch.randn``; the GRU cell at PyTorch's default). [``"pytorch"``: PyTorch's defaults.]
     """
+
+    WEIGHT_INITS = ("kaiming", "pytorch")
+
+    # Scheduled sampling in CaptionModel's "batch" mode: the SJTU recurrent decoder carries its
+    # state and swaps only the input word (reference word or the previous step's argmax).
+    scheduled_sampling_unit = "token"
 
     def __init__(
         self,
@@ -447,6 +605,8 @@ class GRUAttentionDecoder(nn.Module):
         memory_dim: int = 512,
         attention_dim: int = 512,
         dropout: float = 0.2,
+        output_dropout: float | None = 0.0,
+        weight_init: str = "kaiming",
     ) -> None:
         super().__init__()
         for name, value in [
@@ -460,6 +620,12 @@ class GRUAttentionDecoder(nn.Module):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        if output_dropout is None:
+            output_dropout = dropout
+        if not 0.0 <= output_dropout < 1.0:
+            raise ValueError(f"output_dropout must lie in [0, 1) or be None, got {output_dropout}")
+        if weight_init not in self.WEIGHT_INITS:
+            raise ValueError(f"weight_init must be one of {list(self.WEIGHT_INITS)}, got {weight_init!r}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.word_embedding = nn.Embedding(vocab_size, embed_dim)
@@ -470,7 +636,23 @@ class GRUAttentionDecoder(nn.Module):
         self.attention_score = nn.Linear(attention_dim, 1, bias=False)
         self.cell = nn.GRUCell(3 * embed_dim, hidden_size)
         self.dropout = nn.Dropout(dropout)
+        self.output_dropout = nn.Dropout(output_dropout)
         self.classifier = nn.Linear(hidden_size, vocab_size)
+        if weight_init == "kaiming":
+            self._kaiming_init()
+
+    def _kaiming_init(self) -> None:
+        """The authors' ``init`` (``captioning/models/utils.py``) as applied to ``BahAttnDecoder``."""
+        nn.init.kaiming_uniform_(self.word_embedding.weight)
+        for linear in (self.clip_projection, self.context_projection, self.classifier):
+            nn.init.kaiming_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        # One Linear over [h; m] in the authors' code: kaiming bound sqrt(6 / fan_in), fan_in = H + M.
+        fused_bound = math.sqrt(6.0 / (self.attention_query.in_features + self.attention_key.in_features))
+        _uniform_(self.attention_query.weight, fused_bound)
+        _uniform_(self.attention_key.weight, fused_bound)
+        nn.init.zeros_(self.attention_key.bias)
+        nn.init.normal_(self.attention_score.weight)  # their v = nn.Parameter(torch.randn(attn_size))
 
     def init_state(self, memory: Tensor, memory_mask: Tensor, clip_vector: Tensor) -> DecodingState:
         """State for decoding from the encoder memory (N, T, memory_dim) and its mask (N, T)."""
@@ -514,7 +696,7 @@ class GRUAttentionDecoder(nn.Module):
             outputs.append(hidden)
         if last_only:
             outputs = outputs[-1:]
-        logits = self.classifier(self.dropout(torch.stack(outputs, dim=1)))  # (N, n, V)
+        logits = self.classifier(self.output_dropout(torch.stack(outputs, dim=1)))  # (N, n, V)
         new_state = DecodingState(clip=clip, cache={"hidden": hidden}, num_tokens=state.num_tokens + tokens.shape[1])
         return logits, new_state
 
@@ -529,21 +711,49 @@ class CaptionModel(nn.Module):
 
     The decoder must provide ``vocab_size``, ``init_state(memory, memory_mask, clip_vector)`` and
     ``forward_tokens(state, tokens, last_only=False) -> (logits, state)`` (both decoders of this
-    module do).
+    module do), and may set ``scheduled_sampling_unit`` to ``"prefix"`` or ``"token"`` (default).
 
-    Scheduled sampling is exact and step-wise for both decoders: at step t the input is the ground
-    truth word with probability ``teacher_forcing_ratio`` (one independent draw per row and step),
-    else the model's own most likely word (argmax of the previous step's distribution, no gradient
-    through the choice). With the self-attention cache a step of the Transformer only processes the
-    new position, so the step-wise pass costs about one teacher-forced pass in arithmetic (in L
-    sequential calls instead of one); it is exact, unlike the two-pass approximation whose mixed-in
-    predictions are conditioned on the ground-truth prefix rather than on the mixed one.
+    Scheduled sampling (``forward`` with ``teacher_forcing_ratio < 1``) is step-wise and exact; the
+    model's own word is always the argmax of its previous distribution (no gradient through the
+    choice). ``scheduled_sampling`` picks the scheme:
+
+    * ``"batch"`` (the SJTU code: ``random.random() < ss_ratio`` once per step in
+      ``prepare_decoder_input`` of ``captioning/models/transformer_model.py`` and
+      ``attn_model.py``): one draw per step, shared by every row of the batch. What the draw selects
+      depends on the decoder's ``scheduled_sampling_unit``:
+
+      - ``"prefix"`` (Transformer): at step t the decoder reads either the whole reference prefix
+        ``tokens[:, :t+1]`` or the whole prefix of its own greedy words ``[bos, w_0, ..., w_{t-1}]``,
+        ``w_s`` being the argmax of step s (whichever prefix step s read). Reference steps are
+        positions of one parallel teacher-forced pass; own-prefix steps extend a separate
+        self-attention cache, so the cost stays about two teacher-forced passes.
+      - ``"token"`` (recurrent decoder): the state is carried from step to step and only the input
+        word at t is swapped: ``tokens[:, t]`` or ``w_{t-1}``.
+
+    * ``"row"`` (this package before): one independent draw per row and step; the input word at t is
+      ``tokens[:, t]`` or ``w_{t-1}`` and the earlier inputs stay as drawn, for either decoder.
+
+    The first step reads bos under every scheme and takes no draw. Draws come from ``generator``
+    (else the global generator): ``"batch"`` draws ``torch.rand(L - 1)`` once, ``"row"`` draws
+    ``torch.rand(B)`` before each step after the first.
+
+    Args:
+        encoder: the BiGRU encoder.
+        decoder: a Transformer or attentional-GRU decoder.
+        scheduled_sampling: ``"batch"`` (authors) or ``"row"`` (the behaviour before the option).
     """
 
-    def __init__(self, encoder: BiGRUEncoder, decoder: nn.Module) -> None:
+    SCHEDULED_SAMPLING = ("batch", "row")
+
+    def __init__(self, encoder: BiGRUEncoder, decoder: nn.Module, scheduled_sampling: str = "batch") -> None:
         super().__init__()
+        if scheduled_sampling not in self.SCHEDULED_SAMPLING:
+            raise ValueError(
+                f"scheduled_sampling must be one of {list(self.SCHEDULED_SAMPLING)}, got {scheduled_sampling!r}"
+            )
         self.encoder = encoder
         self.decoder = decoder
+        self.scheduled_sampling = scheduled_sampling
 
     @property
     def vocab_size(self) -> int:
@@ -612,23 +822,59 @@ class CaptionModel(nn.Module):
         teacher_forcing_ratio: float,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Step-wise logits (B, L, V) where each input after bos is the ground truth with probability
-        ``teacher_forcing_ratio`` and the previous step's argmax otherwise."""
+        """Step-wise logits (B, L, V) where the reference is fed with probability
+        ``teacher_forcing_ratio`` and the model's own argmax otherwise (see the class docstring for
+        what one draw covers under each ``scheduled_sampling`` scheme)."""
         if not 0.0 <= teacher_forcing_ratio <= 1.0:
             raise ValueError(f"teacher_forcing_ratio must lie in [0, 1], got {teacher_forcing_ratio}")
         state = self.encode(features, feature_lengths)
         batch_size, length = tokens.shape
         draw_device = generator.device if generator is not None else torch.device("cpu")
+        if self.scheduled_sampling == "row":
+            def draw_step(position: int) -> Tensor:
+                draws = torch.rand(batch_size, generator=generator, device=draw_device)
+                return (draws < teacher_forcing_ratio).to(tokens.device)  # (B,)
+        else:
+            step_truth = torch.rand(max(length - 1, 0), generator=generator, device=draw_device) < teacher_forcing_ratio
+            step_truth = step_truth.tolist()  # one Python bool per step after the first
+            if getattr(self.decoder, "scheduled_sampling_unit", "token") == "prefix":
+                return self._prefix_scheduled_sampling(state, tokens, step_truth)
+
+            def draw_step(position: int) -> Tensor:
+                return torch.full((batch_size,), step_truth[position], dtype=torch.bool, device=tokens.device)
+
         step_input = tokens[:, :1]  # (B, 1), the bos column
         step_logits = []
         for position in range(length):
             logits, state = self.decoder.forward_tokens(state, step_input)  # (B, 1, V)
             step_logits.append(logits)
             if position + 1 < length:
-                draws = torch.rand(batch_size, generator=generator, device=draw_device)
-                use_truth = (draws < teacher_forcing_ratio).to(tokens.device)  # (B,)
+                use_truth = draw_step(position)  # (B,)
                 predicted = logits[:, 0].detach().argmax(dim=-1)  # (B,)
                 step_input = torch.where(use_truth, tokens[:, position + 1], predicted).unsqueeze(1)
+        return torch.cat(step_logits, dim=1)
+
+    def _prefix_scheduled_sampling(self, state: DecodingState, tokens: Tensor, step_truth: list[bool]) -> Tensor:
+        """``"batch"`` scheme for a decoder that reads whole prefixes (the SJTU Transformer).
+
+        Step t (t >= 1) reads the reference prefix ``tokens[:, :t+1]`` when ``step_truth[t-1]``, else
+        the own prefix ``[bos, w_0, ..., w_{t-1}]``; ``w_t`` is the argmax of step t's logits.
+        """
+        length = tokens.shape[1]
+        teacher_logits = None
+        if any(step_truth):
+            teacher_logits, _ = self.decoder.forward_tokens(state, tokens)  # (B, L, V)
+        own_state = state  # its cache covers the first own_state.num_tokens own-prefix tokens
+        own_prefix = [tokens[:, :1]]  # bos, then w_0, w_1, ... as (B, 1) columns
+        step_logits = []
+        for position in range(length):
+            if teacher_logits is not None and (position == 0 or step_truth[position - 1]):
+                logits = teacher_logits[:, position : position + 1]  # (B, 1, V); step 0 reads bos either way
+            else:
+                pending = torch.cat(own_prefix[own_state.num_tokens :], dim=1)  # tokens the cache lacks
+                logits, own_state = self.decoder.forward_tokens(own_state, pending, last_only=True)
+            step_logits.append(logits)
+            own_prefix.append(logits[:, 0].detach().argmax(dim=-1, keepdim=True))
         return torch.cat(step_logits, dim=1)
 
 
@@ -639,21 +885,31 @@ def build_caption_model(
     *,
     encoder_hidden_size: int = 256,
     encoder_num_layers: int = 3,
-    encoder_dropout: float = 0.2,
+    encoder_dropout: float = 0.5,
+    encoder_input_dropout: float = 0.2,
+    scheduled_sampling: str = "batch",
     **decoder_kwargs,
 ) -> CaptionModel:
     """Build a BiGRU-encoder captioner with a ``"transformer"`` or ``"gru_attention"`` decoder.
 
-    ``decoder_kwargs`` go to :class:`TransformerCaptionDecoder` or :class:`GRUAttentionDecoder`
-    (e.g. ``num_layers=4``); their ``memory_dim`` is set to the encoder's output size.
+    ``encoder_*`` go to :class:`BiGRUEncoder` (``hidden_size``, ``num_layers``, ``dropout``,
+    ``input_dropout``), ``scheduled_sampling`` to :class:`CaptionModel`, and ``decoder_kwargs`` to
+    :class:`TransformerCaptionDecoder` or :class:`GRUAttentionDecoder` (e.g. ``num_layers=4``); their
+    ``memory_dim`` is set to the encoder's output size. Every default is the SJTU authors' setting.
+
+    The model of this package before the SJTU-fidelity options (its checkpoints load into it) is
+    ``encoder_dropout=0.2, encoder_input_dropout=0.0, scheduled_sampling="row"`` with, for the
+    Transformer, ``memory_projection="linear", scale_embedding=False,
+    double_embedding_dropout=False, positional_encoding="sinusoidal", weight_init="pytorch"`` and,
+    for the GRU, ``output_dropout=None, weight_init="pytorch"``.
     """
     decoders = {"transformer": TransformerCaptionDecoder, "gru_attention": GRUAttentionDecoder}
     if decoder not in decoders:
         raise ValueError(f"decoder must be one of {sorted(decoders)}, got {decoder!r}")
-    encoder = BiGRUEncoder(input_dim, encoder_hidden_size, encoder_num_layers, encoder_dropout)
+    encoder = BiGRUEncoder(input_dim, encoder_hidden_size, encoder_num_layers, encoder_dropout, encoder_input_dropout)
     if decoder_kwargs.get("memory_dim", encoder.output_dim) != encoder.output_dim:
         raise ValueError(
             f"memory_dim={decoder_kwargs['memory_dim']} does not match the encoder output size {encoder.output_dim}"
         )
     decoder_kwargs["memory_dim"] = encoder.output_dim
-    return CaptionModel(encoder, decoders[decoder](vocab_size, **decoder_kwargs))
+    return CaptionModel(encoder, decoders[decoder](vocab_size, **decoder_kwargs), scheduled_sampling=scheduled_sampling)

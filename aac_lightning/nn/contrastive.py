@@ -7,7 +7,11 @@ For a batch of N audio-text pairs with similarity ``s(i, j)`` and temperature ``
     L          = (1/N) * sum_i ( L_i^{A->T} + L_i^{T->A} )
 
 The two directions are *summed* (not averaged) before the mean over pairs, exactly as in eq. 6;
-the value is therefore twice CLIP's usual ``(CE_a2t + CE_t2a) / 2``.
+the value is therefore twice CLIP's usual ``(CE_a2t + CE_t2a) / 2``. The authors' released code
+(``models/loss.py`` of wsntxxn/DCASE2022T6_CLAP, ``InfoNceLoss``) averages the two directions
+instead: ``direction_reduction="mean"`` gives that, half of eq. 6. Under Adam the factor of two
+barely changes training (Adam is invariant to a constant scale of the loss, up to its epsilon); it
+changes the logged loss value and anything that acts on raw gradient sizes (gradient clipping).
 
 Same-clip pairs. Retrieval training draws one (audio, caption) pair per item, so two items of one
 clip (two of its captions) can meet in a batch. Caption j of clip c is then a correct match for
@@ -15,6 +19,8 @@ audio i of clip c, and treating it as a negative would push apart what should be
 Given ``clip_ids``, every off-diagonal logit ``(i, j)`` with ``clip_ids[i] == clip_ids[j]`` is set
 to ``-inf`` before the softmax, in both directions: it leaves the denominators (so it is neither a
 negative nor an extra positive) and receives no gradient. The positive of row i stays ``(i, i)``.
+This is an addition of this package: the report (eq. 6) and the authors' code use plain diagonal
+targets, so same-clip captions are negatives there (pass no ``clip_ids`` for that).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from typing import Literal
+
 from aac_lightning.utils.distributed import (
     all_gather_sizes,
     all_gather_tensor,
@@ -30,6 +38,16 @@ from aac_lightning.utils.distributed import (
     get_rank,
     is_distributed,
 )
+
+DirectionReduction = Literal["sum", "mean"]
+DIRECTION_REDUCTIONS = ("sum", "mean")
+
+
+def _check_direction_reduction(direction_reduction: str) -> None:
+    if direction_reduction not in DIRECTION_REDUCTIONS:
+        raise ValueError(
+            f"direction_reduction must be 'sum' (report eq. 6) or 'mean' (the authors' code), got {direction_reduction!r}"
+        )
 
 
 def _check_inputs(
@@ -69,6 +87,7 @@ def _info_nce_rows(
     clip_ids_rows: torch.Tensor | None,
     clip_ids_all: torch.Tensor | None,
     normaliser: float,
+    direction_reduction: str = "sum",
 ) -> torch.Tensor:
     """Sum of eq. 6's per-pair terms for the rows ``row_offset .. row_offset + n`` of the global
     ``N x N`` problem, divided by ``normaliser``.
@@ -88,7 +107,10 @@ def _info_nce_rows(
         logits_t2a = logits_t2a.masked_fill(same_clip, float("-inf"))
     loss_a2t = F.cross_entropy(logits_a2t, targets, reduction="sum")
     loss_t2a = F.cross_entropy(logits_t2a, targets, reduction="sum")
-    return (loss_a2t + loss_t2a) / normaliser
+    directions = loss_a2t + loss_t2a
+    if direction_reduction == "mean":
+        directions = directions / 2
+    return directions / normaliser
 
 
 def info_nce_loss(
@@ -97,6 +119,7 @@ def info_nce_loss(
     logit_scale: torch.Tensor | float,
     *,
     clip_ids: torch.Tensor | None = None,
+    direction_reduction: DirectionReduction = "sum",
 ) -> torch.Tensor:
     """Eq. 6 of the report on one batch: ``(1/N) sum_i (L_i^{A->T} + L_i^{T->A})``.
 
@@ -107,11 +130,14 @@ def info_nce_loss(
         logit_scale: ``1 / tau`` (scalar tensor or float).
         clip_ids: optional ``(N,)`` integer id of the clip of each pair; off-diagonal pairs of the
             same clip are taken out of the softmax (see module docstring).
+        direction_reduction: ``"sum"`` adds the two directions (eq. 6); ``"mean"`` averages them
+            (the authors' code), i.e. half the value.
 
     Returns:
         Scalar loss.
     """
     _check_inputs(audio_emb, text_emb, clip_ids)
+    _check_direction_reduction(direction_reduction)
     return _info_nce_rows(
         audio_emb,
         text_emb,
@@ -122,6 +148,7 @@ def info_nce_loss(
         clip_ids_rows=clip_ids,
         clip_ids_all=clip_ids,
         normaliser=float(audio_emb.shape[0]),
+        direction_reduction=direction_reduction,
     )
 
 
@@ -154,11 +181,16 @@ class ContrastiveLoss(nn.Module):
     Every rank must call the loss at each step (it runs collectives), with ``clip_ids`` given on
     all ranks or on none. Clip ids must identify clips globally (e.g. the dataset index of the
     clip), not per rank.
+
+    ``direction_reduction`` as in :func:`info_nce_loss` (``"sum"``: eq. 6, ``"mean"``: the authors'
+    code); the scaling above holds for both.
     """
 
-    def __init__(self, gather: bool = True) -> None:
+    def __init__(self, gather: bool = True, direction_reduction: DirectionReduction = "sum") -> None:
         super().__init__()
+        _check_direction_reduction(direction_reduction)
         self.gather = gather
+        self.direction_reduction = direction_reduction
 
     def forward(
         self,
@@ -169,7 +201,9 @@ class ContrastiveLoss(nn.Module):
     ) -> torch.Tensor:
         """Loss of this rank; see the class docstring for its scaling. Shapes as :func:`info_nce_loss`."""
         if not (self.gather and is_distributed()):
-            return info_nce_loss(audio_emb, text_emb, logit_scale, clip_ids=clip_ids)
+            return info_nce_loss(
+                audio_emb, text_emb, logit_scale, clip_ids=clip_ids, direction_reduction=self.direction_reduction
+            )
         _check_inputs(audio_emb, text_emb, clip_ids)
         sizes = all_gather_sizes(audio_emb.shape[0], audio_emb.device)
         world_size = len(sizes)
@@ -188,7 +222,8 @@ class ContrastiveLoss(nn.Module):
             clip_ids_rows=clip_ids,
             clip_ids_all=clip_ids_all,
             normaliser=n_global / world_size,
+            direction_reduction=self.direction_reduction,
         )
 
     def extra_repr(self) -> str:
-        return f"gather={self.gather}"
+        return f"gather={self.gather}, direction_reduction={self.direction_reduction!r}"

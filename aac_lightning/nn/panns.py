@@ -8,7 +8,11 @@ the defaults are the paper's (32 kHz, 1024-point window, hop 320, 64 mel bins, 5
 
 Front end: ``torchlibrosa`` STFT (Hann window, centred, reflect padding) and log-mel filter bank, both
 frozen; BatchNorm over the mel bins (``bn0``); SpecAugment (two time stripes up to 64 frames, two
-frequency stripes up to 8 bins) in training only.
+frequency stripes up to 8 bins) in training only, when ``spec_augment=True`` (the default, PANNs' own
+training recipe). The SJTU authors trained their retrieval models without it (``specaug=False`` in
+``models/audio_encoder.py`` of wsntxxn/DCASE2022T6_CLAP): the SJTU retrieval configs set
+``audio_encoder_kwargs: {spec_augment: false}``. Their front end (torchaudio ``MelSpectrogram`` with
+slaney mel filters and ``AmplitudeToDB``) gives the same log-mel as this one (tested).
 """
 
 from __future__ import annotations
