@@ -22,9 +22,9 @@ import torch
 from aac_lightning.data.audio import load_audio
 from aac_lightning.data.datamodules import pad_waveforms
 from aac_lightning.data.text import Vocabulary
-from aac_lightning.modules.base import HandoffError, checkpoint_kind, read_checkpoint
+from aac_lightning.checkpoints import HandoffError, checkpoint_kind, read_checkpoint
 from aac_lightning.nn.decoding import DEFAULT_MAX_LENGTH, FINISHED_RULES, beam_search
-from aac_lightning.retrieval_ensemble import read_ensemble_config
+from aac_lightning.config import read_ensemble_config
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ CAPTIONER_KINDS = ("xe", "scst")
 
 def load_captioner(path: str | Path, device: str | torch.device = "cpu"):
     """A captioner (XE or SCST) rebuilt from its checkpoint alone, in eval mode."""
-    from aac_lightning.tools import import_class
+    from aac_lightning.config import import_class
 
     ckpt = read_checkpoint(path)
     kind = checkpoint_kind(ckpt)

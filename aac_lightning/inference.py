@@ -45,7 +45,7 @@ from aac_lightning.captioning_ensemble import CaptionEnsemble
 from aac_lightning.data.audio import AUDIO_EXTENSIONS, AudioError, list_audio_files, load_audio, resample
 from aac_lightning.features import state_dict_sha256
 from aac_lightning.metrics.retrieval import top_k_candidates
-from aac_lightning.modules.base import HandoffError, read_checkpoint
+from aac_lightning.checkpoints import HandoffError, read_checkpoint
 from aac_lightning.nn.bi_encoder import BiEncoder
 from aac_lightning.nn.decoding import DEFAULT_MAX_LENGTH
 from aac_lightning.retrieval_ensemble import RetrievalEnsemble

@@ -494,7 +494,7 @@ class PipelineRunner:
 
     def _run_training(self, stage: Stage, group: str) -> dict[str, Any]:
         from aac_lightning.callbacks import EpochWeightAveraging, LatestCheckpoint
-        from aac_lightning.cli import build_lightning_cli
+        from aac_lightning.lightning_cli import build_lightning_cli
         from aac_lightning.utils.preflight import preflight_trainer_outputs
 
         out = self.stage_dir(stage.name)
@@ -626,7 +626,7 @@ def _barrier() -> None:
 
 
 def _instantiate(spec: dict[str, Any]) -> Any:
-    from aac_lightning.tools import import_class
+    from aac_lightning.config import import_class
 
     return import_class(spec["class_path"])(**spec["init_args"])
 

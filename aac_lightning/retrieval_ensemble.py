@@ -37,7 +37,7 @@ from aac_lightning.metrics.retrieval import (
     retrieval_metrics,
     top_k_candidates,
 )
-from aac_lightning.modules.base import HandoffError, checkpoint_kind, read_checkpoint
+from aac_lightning.checkpoints import HandoffError, checkpoint_kind, read_checkpoint
 from aac_lightning.modules.retrieval import ContrastiveRetrieval
 from aac_lightning.nn.bi_encoder import BiEncoder
 
@@ -57,7 +57,6 @@ __all__ = [
 
 DCASE_NUM_RANKED = 10  # audio files per query in a task 6b submission
 METRIC_NAMES = ("R@1", "R@5", "R@10", "mAP@10")
-ENSEMBLE_CONFIG_KEYS = ("checkpoints", "name", "description")
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -373,26 +372,6 @@ def read_dcase_retrieval_csv(path: str | os.PathLike) -> tuple[list[str], list[l
 
 
 # ------------------------------------------------------------------------------ command line
-
-
-def read_ensemble_config(path: str | os.PathLike) -> list[str]:
-    """The checkpoint list of an ensemble config (``checkpoints: [a.ckpt, b.ckpt, ...]``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ensemble config not found: '{path}'")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ValueError(f"ensemble config '{path}' is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"ensemble config '{path}' must hold a mapping with the key 'checkpoints'")
-    unknown = sorted(set(data) - set(ENSEMBLE_CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"ensemble config '{path}' has unknown key(s) {unknown}; allowed: {list(ENSEMBLE_CONFIG_KEYS)}")
-    checkpoints = data.get("checkpoints")
-    if not isinstance(checkpoints, list) or not checkpoints or not all(isinstance(c, str) and c for c in checkpoints):
-        raise ValueError(f"ensemble config '{path}': 'checkpoints' must be a non-empty list of paths, got {checkpoints!r}")
-    return list(checkpoints)
 
 
 def _read_queries(path: str) -> list[str]:

@@ -168,7 +168,7 @@ class Case:
 def build_module(case: Case) -> Any:
     """The ``ContrastiveRetrieval`` of ``case``, random weights except an offline-available text encoder."""
     from aac_lightning.modules.retrieval import ContrastiveRetrieval
-    from aac_lightning.tools import build_model_offline, read_configs
+    from aac_lightning.config import build_model_offline, read_configs
 
     config = read_configs(case.configs)
     overrides: dict[str, Any] = {}

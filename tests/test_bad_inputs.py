@@ -27,7 +27,7 @@ from aac_lightning.data.audio import AudioError, list_audio_files, load_audio
 from aac_lightning.data.datamodules import CaptionPairs, ClipItems, collate_clips, collate_pairs
 from aac_lightning.data.text import normalize_caption
 from aac_lightning.modules import ContrastiveRetrieval
-from aac_lightning.modules.base import HandoffError, read_checkpoint
+from aac_lightning.checkpoints import HandoffError, read_checkpoint
 from aac_lightning.modules.captioning import CaptioningXE
 from aac_lightning.modules.scst import CaptioningSCST
 from aac_lightning.nn.audio_encoders import load_audio_encoder

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from aac_lightning.captioning_ensemble import CaptionEnsemble, load_captioner
-from aac_lightning.retrieval_ensemble import read_ensemble_config
+from aac_lightning.config import read_ensemble_config
 from aac_lightning.cli import main
 from aac_lightning.data import Clotho
 from aac_lightning.data.text import Vocabulary
 from aac_lightning.metrics.captioning import read_dcase_captioning_csv
-from aac_lightning.modules.base import HandoffError
+from aac_lightning.checkpoints import HandoffError
 from tests.test_xe_module import online_run, retrieval_ckpt  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]

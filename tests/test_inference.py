@@ -20,7 +20,7 @@ from aac_lightning.cli import main
 from aac_lightning.data import Clotho
 from aac_lightning.data.audio import AudioError, load_audio, resample
 from aac_lightning.inference import CACHE_DIR_NAME, Captioner, Retriever
-from aac_lightning.modules.base import HandoffError, read_checkpoint
+from aac_lightning.checkpoints import HandoffError, read_checkpoint
 from aac_lightning.retrieval_ensemble import RetrievalEnsemble
 from tests.test_scst_module import xe_ckpt  # noqa: F401  (fixture)
 from tests.test_xe_module import retrieval_ckpt  # noqa: F401  (fixture)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from aac_lightning.captioning_ensemble import load_captioner
-from aac_lightning.modules.base import UPGRADED_KEY, read_checkpoint
+from aac_lightning.checkpoints import UPGRADED_KEY, read_checkpoint
 from aac_lightning.modules.captioning import CaptioningXE
 from aac_lightning.modules.scst import CaptioningSCST
 

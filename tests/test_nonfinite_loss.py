@@ -11,7 +11,7 @@ from torch import nn
 
 from aac_lightning.data import RetrievalDataModule
 from aac_lightning.modules import CaptioningSCST, CaptioningXE, ContrastiveRetrieval
-from aac_lightning.modules.base import read_checkpoint
+from aac_lightning.checkpoints import read_checkpoint
 from tests.test_retrieval_module import tiny_module
 
 NAN_BATCH = 1  # the second training batch of the epoch gets a NaN loss

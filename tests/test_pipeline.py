@@ -20,7 +20,7 @@ import yaml
 
 from aac_lightning.cli import main
 from aac_lightning.pipeline import PipelineRunner, RecipeError, load_recipe, normalize_metrics, parse_overrides, build_parser
-from aac_lightning.modules.base import read_checkpoint
+from aac_lightning.checkpoints import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf" / "demo"

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from aac_lightning.modules.base import read_checkpoint
+from aac_lightning.checkpoints import read_checkpoint
 from tests.test_retrieval_module import TINY_AUDIO
 
 REPO = Path(__file__).resolve().parents[1]

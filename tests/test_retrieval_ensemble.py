@@ -21,7 +21,7 @@ from aac_lightning.data import Clotho, RetrievalDataModule, load_audio
 from aac_lightning.data.datasets import find_clotho_files
 from aac_lightning.data.synth import write_synthetic_clotho
 from aac_lightning.metrics.retrieval import audio_to_text_metrics, retrieval_metrics
-from aac_lightning.modules.base import HandoffError
+from aac_lightning.checkpoints import HandoffError
 from aac_lightning.modules.retrieval import ContrastiveRetrieval
 from aac_lightning.retrieval_ensemble import (
     RetrievalEnsemble,

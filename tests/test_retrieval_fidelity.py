@@ -23,7 +23,7 @@ from aac_lightning.data import Vocabulary, normalize_caption
 from aac_lightning.data.text import tokenize_caption
 from aac_lightning.nn.contrastive import ContrastiveLoss, info_nce_loss
 from aac_lightning.nn.panns import Cnn14
-from aac_lightning.tools import read_configs
+from aac_lightning.config import read_configs
 
 REPO = Path(__file__).resolve().parents[1]
 RETRIEVAL = REPO / "conf" / "retrieval"

@@ -14,8 +14,9 @@ from aac_lightning.cli import main
 from aac_lightning.data import RetrievalDataModule
 from aac_lightning.metrics import audio_to_text_metrics, retrieval_metrics
 from aac_lightning.modules import ContrastiveRetrieval
-from aac_lightning.modules.base import HandoffError, read_checkpoint, warmup_cosine
-from aac_lightning.tools import build_model_offline, count_parameters, read_configs
+from aac_lightning.modules.schedules import warmup_cosine
+from aac_lightning.checkpoints import HandoffError, read_checkpoint
+from aac_lightning.config import build_model_offline, count_parameters, read_configs
 from tests.conftest import demo_config_overrides
 
 REPO = Path(__file__).resolve().parents[1]

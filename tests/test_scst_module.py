@@ -12,7 +12,7 @@ import yaml
 import aac_lightning.modules.scst as scst
 from aac_lightning.cli import main
 from aac_lightning.data import CaptioningDataModule
-from aac_lightning.modules.base import HandoffError, read_checkpoint
+from aac_lightning.checkpoints import HandoffError, read_checkpoint
 from aac_lightning.modules.scst import CaptioningSCST, batch_document_frequency, leave_one_out_mean, scst_loss
 from aac_lightning.nn.decoding import SampledCaptions
 from tests.conftest import demo_config_overrides

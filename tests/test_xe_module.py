@@ -14,9 +14,10 @@ import yaml
 from aac_lightning.cli import main
 from aac_lightning.data import CaptioningDataModule
 from aac_lightning.data.datamodules import collate_clips
-from aac_lightning.modules.base import HandoffError, read_checkpoint, warmup_exponential
+from aac_lightning.modules.schedules import warmup_exponential
+from aac_lightning.checkpoints import HandoffError, read_checkpoint
 from aac_lightning.modules.captioning import CaptioningXE
-from aac_lightning.tools import build_model_offline, count_parameters, read_configs
+from aac_lightning.config import build_model_offline, count_parameters, read_configs
 from tests.conftest import demo_config_overrides
 from tests.test_retrieval_module import TINY_AUDIO, fit_tiny
 

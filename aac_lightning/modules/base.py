@@ -7,7 +7,6 @@ import math
 import os
 import random
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,88 +16,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, RandomSampler
 
 from aac_lightning import __version__
-from aac_lightning.modules.schedules import warmup_cosine, warmup_exponential  # noqa: F401 - re-exported for old imports
+from aac_lightning.checkpoints import (
+    METADATA_KEY,
+    UPGRADED_KEY,
+    HandoffError,
+    check_kind,
+    read_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
-METADATA_KEY = "aac_lightning"
 NONFINITE_LOSS_MODES = ("error", "skip")
-
-
-class HandoffError(ValueError):
-    """A checkpoint handed to a stage does not fit it (wrong stage, architecture or keys)."""
-
-
-# Stage kind -> function filling, in place, the hyper-parameters that a checkpoint written by an older
-# package version lacks (with the values that rebuild the model it was trained as); it returns the
-# names it filled. Registered by the modules that own the kinds.
-CHECKPOINT_UPGRADES: dict[str, Callable[[dict[str, Any]], list[str]]] = {}
-UPGRADED_KEY = "upgraded_hyper_parameters"
-
-
-def package_version(ckpt: dict[str, Any]) -> tuple[int, ...]:
-    """The package version a checkpoint was written with, as numbers (`(0,)` when unrecorded)."""
-    text = str((ckpt.get(METADATA_KEY) or {}).get("version") or "0")
-    parts = []
-    for part in text.split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts) or (0,)
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint of this package, loaded on the CPU.
-
-    Checkpoints written by this package hold only tensors, numbers, strings, lists and dicts, so they
-    load with `weights_only=True`; a checkpoint that needs arbitrary code to unpickle is refused. The
-    hyper-parameters of a checkpoint from an older package version are completed with the values
-    that rebuild it (`CHECKPOINT_UPGRADES`); the names filled are listed under `UPGRADED_KEY`.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: '{path}'")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - the message says which file and why
-        raise HandoffError(f"cannot load checkpoint '{path}' safely (weights_only=True): {err}") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise HandoffError(f"'{path}' is not a Lightning checkpoint (no 'state_dict' entry)")
-    upgrade = CHECKPOINT_UPGRADES.get(checkpoint_kind(ckpt))
-    if upgrade is not None and isinstance(ckpt.get("hyper_parameters"), dict):
-        ckpt[UPGRADED_KEY] = upgrade(ckpt)
-    return ckpt
-
-
-def checkpoint_kind(ckpt: dict[str, Any]) -> str | None:
-    """The stage kind recorded in a checkpoint (`contrastive`, `xe`, `scst`), if any."""
-    return (ckpt.get(METADATA_KEY) or {}).get("kind")
-
-
-def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """`module.load_state_dict(state_dict, strict=True)` with an error naming every mismatch."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state_dict)
-        if tuple(own[k].shape) != tuple(state_dict[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
-            if items:
-                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-                parts.append(f"{label}: {shown}")
-        raise HandoffError(f"weights from {source} do not fit the model; " + "; ".join(parts))
-    module.load_state_dict(state_dict, strict=True)
-
-
-def extract_submodule_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries under `prefix` (e.g. `model.audio_encoder.`), with the prefix removed."""
-    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def check_nonfinite_loss_mode(nonfinite_loss: str) -> str:
@@ -270,14 +198,7 @@ class AACModule(pl.LightningModule):
 
     def load_handoff(self, path: str, expected_kinds: tuple[str, ...]) -> dict[str, Any]:
         """Read a checkpoint given to a stage through an init argument, checking its stage kind."""
-        ckpt = read_checkpoint(path)
-        kind = checkpoint_kind(ckpt)
-        if kind not in expected_kinds:
-            raise HandoffError(
-                f"'{path}' is a checkpoint of stage kind {kind!r}, but {type(self).__name__} needs one of "
-                f"{list(expected_kinds)}"
-            )
-        return ckpt
+        return check_kind(read_checkpoint(path), expected_kinds, path, needed_by=type(self).__name__)
 
     @classmethod
     def load_for_inference(cls, path: str | Path, map_location: str | torch.device = "cpu", **overrides: Any):

@@ -14,14 +14,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from aac_lightning.data.text import Vocabulary, normalize_caption, tokenize_caption
 from aac_lightning.features import FeatureCache, state_dict_sha256
 from aac_lightning.metrics.cider import cider_d
-from aac_lightning.modules.base import (
-    CHECKPOINT_UPGRADES,
-    AACModule,
-    HandoffError,
-    extract_submodule_state,
-    load_state_dict_strict,
-    package_version,
-)
+from aac_lightning.modules.base import AACModule
+from aac_lightning.checkpoints import CHECKPOINT_UPGRADES, HandoffError, extract_submodule_state, load_state_dict_strict, package_version
 from aac_lightning.modules.schedules import check_warmup, step_budget, warmup_exponential
 from aac_lightning.nn.audio_encoders import AudioEncoder, load_audio_encoder
 from aac_lightning.nn.captioning import build_caption_model

@@ -10,7 +10,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 
 from aac_lightning.metrics.retrieval import audio_to_text_metrics, retrieval_metrics
-from aac_lightning.modules.base import AACModule, extract_submodule_state, load_state_dict_strict
+from aac_lightning.modules.base import AACModule
+from aac_lightning.checkpoints import extract_submodule_state, load_state_dict_strict
 from aac_lightning.modules.schedules import check_warmup, step_budget, warmup_cosine
 from aac_lightning.nn.audio_encoders import load_audio_encoder
 from aac_lightning.nn.bi_encoder import BiEncoder

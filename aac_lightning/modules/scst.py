@@ -21,7 +21,8 @@ import torch
 
 from aac_lightning.data.text import normalize_caption
 from aac_lightning.metrics.cider import CiderDocumentFrequency, cider_d
-from aac_lightning.modules.base import check_nonfinite_loss_mode, read_checkpoint
+from aac_lightning.modules.base import check_nonfinite_loss_mode
+from aac_lightning.checkpoints import read_checkpoint
 from aac_lightning.modules.captioning import CaptioningXE
 from aac_lightning.nn.decoding import DEFAULT_MAX_LENGTH, greedy_decode, sample_decode
 
