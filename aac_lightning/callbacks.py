@@ -1,12 +1,18 @@
-"""Callbacks for long runs."""
+"""Callbacks for long runs, and the writer of `aac-lightning predict`'s outputs."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.swa_utils import AveragedModel
 
@@ -196,3 +202,87 @@ class EpochWeightAveraging(WeightAveraging):
         finally:
             self._writing_average = False
         self.averaged_path = path
+
+
+CAPTION_SUFFIXES = (".json", ".csv")
+EMBEDDING_SUFFIXES = (".pt", ".npz")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write what `trainer.predict` (`aac-lightning predict`) returns to one file, in dataset order.
+
+    Captioners (`predict_step` gives `CaptionPrediction(file, caption)` per clip):
+        `.json`: a list of `{"file": ..., "caption": ...}`; `.csv`: the DCASE submission layout,
+        header `file_name,caption_predicted`, one row per clip.
+    Retrieval (`predict_step` gives `{"fnames": [...], "audio_emb": (B, E)}`):
+        `.pt`: `{"files": [...], "audio_emb": (N, E) float32 tensor}`; `.npz`: arrays `files` and `audio_emb`.
+
+    Rows come in the order of the predict dataloader's dataset (the datamodule's `predict_split`);
+    under DDP every rank's share is gathered and rank 0 writes the file.
+
+    Args:
+        output_path: the file to write; its suffix picks the format.
+    """
+
+    def __init__(self, output_path: str | os.PathLike) -> None:
+        super().__init__(write_interval="epoch")
+        self.output_path = Path(output_path)
+        if self.output_path.suffix not in CAPTION_SUFFIXES + EMBEDDING_SUFFIXES:
+            raise ValueError(
+                f"output_path '{output_path}': unknown suffix; use {list(CAPTION_SUFFIXES)} for captions "
+                f"or {list(EMBEDDING_SUFFIXES)} for embeddings"
+            )
+
+    def write_on_epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]
+    ) -> None:
+        rows = prediction_rows(predictions, batch_indices)
+        if trainer.world_size > 1:
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if trainer.is_global_zero:
+            rows.sort(key=lambda row: row[0])
+            write_predictions(self.output_path, [(file, value) for _, file, value in rows])
+
+
+def prediction_rows(predictions: Sequence[Any], batch_indices: Sequence[Any]) -> list[tuple[int, str, Any]]:
+    """`(dataset index, file, caption or embedding row)` of every predicted clip of one dataloader."""
+    if predictions and isinstance(predictions[0], list) and predictions[0] and isinstance(predictions[0][0], (list, dict)):
+        raise ValueError("PredictionWriter takes one predict dataloader")
+    rows: list[tuple[int, str, Any]] = []
+    position = 0
+    for b, batch in enumerate(predictions):
+        if isinstance(batch, dict):  # retrieval: {"fnames", "audio_emb"}
+            items = list(zip(batch["fnames"], batch["audio_emb"].detach().float().cpu()))
+        else:  # captioners: [CaptionPrediction(file, caption), ...]
+            items = [(item[0], item[1]) for item in batch]
+        indices = list(batch_indices[b]) if b < len(batch_indices) and batch_indices[b] is not None else []
+        if len(indices) != len(items):  # no indices tracked: the order of the batches
+            indices = list(range(position, position + len(items)))
+        position += len(items)
+        rows.extend((int(i), str(file), value) for i, (file, value) in zip(indices, items))
+    return rows
+
+
+def write_predictions(path: Path, rows: list[tuple[str, Any]]) -> None:
+    """Write `(file, caption)` rows (`.json`, `.csv`) or `(file, embedding)` rows (`.pt`, `.npz`) to `path`."""
+    are_captions = all(isinstance(value, str) for _, value in rows)
+    if are_captions != (path.suffix in CAPTION_SUFFIXES):
+        kind = "captions" if are_captions else "embeddings"
+        raise ValueError(f"'{path}': the model predicts {kind}; use {list(CAPTION_SUFFIXES if are_captions else EMBEDDING_SUFFIXES)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files = [file for file, _ in rows]
+    if path.suffix == ".json":
+        path.write_text(json.dumps([{"file": f, "caption": c} for f, c in rows], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    elif path.suffix == ".csv":
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file_name", "caption_predicted"])
+            writer.writerows(rows)
+    else:
+        emb = torch.stack([value for _, value in rows]) if rows else torch.zeros(0, 0)  # (N, E)
+        if path.suffix == ".pt":
+            torch.save({"files": files, "audio_emb": emb}, path)
+        else:
+            np.savez(path, files=np.array(files, dtype=str), audio_emb=emb.numpy())

@@ -69,6 +69,10 @@ def checkpoint_kind(ckpt: dict[str, Any]) -> str | None:
     return (ckpt.get(METADATA_KEY) or {}).get("kind")
 
 
+# How many keys of each kind (missing, unexpected, mismatched) an error names before "... (N in all)".
+NAMES_SHOWN = 12
+
+
 def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """`module.load_state_dict(state_dict, strict=True)` with an error naming every mismatch."""
     own = module.state_dict()
@@ -83,7 +87,7 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.
         parts = []
         for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
             if items:
-                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+                shown = ", ".join(items[:NAMES_SHOWN]) + (f", ... ({len(items)} in all)" if len(items) > NAMES_SHOWN else "")
                 parts.append(f"{label}: {shown}")
         raise HandoffError(f"weights from {source} do not fit the model; " + "; ".join(parts))
     module.load_state_dict(state_dict, strict=True)

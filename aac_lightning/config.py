@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,14 +15,31 @@ ENSEMBLE_CONFIG_KEYS = ("checkpoints", "name", "description")
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """`update` merged into a copy of `base`, recursively for nested dicts (later configs win)."""
+    """`update` merged into a copy of `base`, recursively for nested dicts (later configs win).
+
+    As LightningCLI (jsonargparse) merges `--config a --config b`: where `update` switches a
+    `class_path` to another class, the earlier `init_args` that the new class does not accept are
+    dropped (an XE config followed by `scst.yaml` gives SCST only SCST's arguments).
+    """
     out = dict(base)
+    switched = "class_path" in update and "class_path" in base and update["class_path"] != base["class_path"]
+    if switched and isinstance(base.get("init_args"), dict):
+        accepted = init_argument_names(import_class(str(update["class_path"])))
+        out["init_args"] = {k: v for k, v in base["init_args"].items() if accepted is None or k in accepted}
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
+
+
+def init_argument_names(cls: type) -> set[str] | None:
+    """The keyword arguments `cls(...)` accepts (`None`: any, it takes `**kwargs`)."""
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.name != "self"}
 
 
 def read_configs(paths: Sequence[str]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
+from functools import partial
 import time
 from pathlib import Path
 from typing import Callable
@@ -98,17 +99,16 @@ def main(argv: list[str] | None = None) -> None:
         len(caption_to_audio), args.clotho_dim, generator), dim=1)  # (C, D)
     size = f"{len(text)} x {num_audio}, D={args.clotho_dim}"
 
-    result, seconds, peak = measure(lambda: retrieval_metrics_from_embeddings(
-        text, audio, caption_to_audio, chunk_size=args.chunk_size))
+    result, seconds, peak = measure(partial(retrieval_metrics_from_embeddings, text, audio, caption_to_audio, chunk_size=args.chunk_size))
     rows.append(("text-to-audio, embeddings", size, seconds, peak, result))
 
     sim_t2a = text @ audio.T  # (C, A)
-    result, seconds, peak = measure(lambda: retrieval_metrics(sim_t2a, caption_to_audio, chunk_size=args.chunk_size))
+    result, seconds, peak = measure(partial(retrieval_metrics, sim_t2a, caption_to_audio, chunk_size=args.chunk_size))
     rows.append(("text-to-audio, similarity matrix", size, seconds, peak, result))
 
     sim_a2t = sim_t2a.T.contiguous()  # (A, C)
     del sim_t2a
-    result, seconds, peak = measure(lambda: audio_to_text_metrics(sim_a2t, caption_to_audio))
+    result, seconds, peak = measure(partial(audio_to_text_metrics, sim_a2t, caption_to_audio))
     size = f"{num_audio} x {len(text)}, {per_audio} relevant"
     rows.append(("audio-to-text, similarity matrix", size, seconds, peak, result))
     del sim_a2t, audio, text

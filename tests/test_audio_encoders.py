@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aac_lightning.nn.ast import AST, AUDIOSET_MEAN, AUDIOSET_STD, KaldiFbank, resize_patch_pos_embed
+from aac_lightning.nn.audio_encoders.ast import AST, AUDIOSET_MEAN, AUDIOSET_STD, KaldiFbank, resize_patch_pos_embed
 from aac_lightning.nn.audio_encoders import load_audio_encoder, load_checkpoint_file
-from aac_lightning.nn.panns import Cnn14, WavegramLogmelCnn14
+from aac_lightning.nn.audio_encoders.panns import Cnn14, WavegramLogmelCnn14
 
 # Tiny CNN14-family settings (16 kHz, 32 mel bins: the fewest the five 2x poolings allow).
 TINY_CNN = dict(

@@ -476,8 +476,8 @@ def _booby_trapped_checkpoint(source: Path, out: Path, marker: Path) -> Path:
 
 
 def test_pickled_code_in_checkpoint_is_refused(retrieval_ckpt: Path, xe_ckpt: Path, synth_root: Path, tmp_path: Path):  # noqa: F811
-    from aac_lightning.captioning_ensemble import load_captioner
-    from aac_lightning.retrieval_ensemble import RetrievalEnsemble
+    from aac_lightning.ensembles.captioning import load_captioner
+    from aac_lightning.ensembles.retrieval import RetrievalEnsemble
 
     marker = tmp_path / "code_ran"
     evil_retrieval = _booby_trapped_checkpoint(retrieval_ckpt, tmp_path / "retrieval.ckpt", marker)

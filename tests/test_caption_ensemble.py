@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aac_lightning.captioning_ensemble import CaptionEnsemble, load_captioner
+from aac_lightning.ensembles.captioning import CaptionEnsemble, load_captioner
 from aac_lightning.config import read_ensemble_config
 from aac_lightning.cli import main
 from aac_lightning.data import Clotho
@@ -107,7 +107,7 @@ class _Member:
 
 
 def test_ensemble_renormalises_the_mean_by_default_and_it_changes_the_caption(monkeypatch):
-    import aac_lightning.captioning_ensemble as captioning_ensemble
+    import aac_lightning.ensembles.waveforms as waveforms
 
     bos, eos, rain, dog = 1, 2, 4, 5
     # As in tests/test_decoding.py::test_renormalising_the_ensemble_changes_the_caption_as_computed_by_hand:
@@ -116,7 +116,7 @@ def test_ensemble_renormalises_the_mean_by_default_and_it_changes_the_caption(mo
     shared = {bos: {rain: 0.46, dog: 0.44, eos: 0.1}, rain: {eos: 0.4, rain: 0.35, dog: 0.25}}
     one = _Member({**shared, dog: {eos: 0.9, rain: 0.05, dog: 0.05}})
     two = _Member({**shared, dog: {eos: 0.1, rain: 0.05, dog: 0.85}})
-    monkeypatch.setattr(captioning_ensemble, "load_audio", lambda path, rate: (torch.zeros(1, 100), rate))
+    monkeypatch.setattr(waveforms, "load_audio", lambda path, rate: (torch.zeros(1, 100), rate))
     files = ["a.wav", "b.wav", "c.wav"]
     default = CaptionEnsemble([one, two], beam_size=2, max_length=2)
     assert (default.renormalize, default.finished, default.length_penalty) == (True, "collect", 1.0)
@@ -129,7 +129,7 @@ def test_ensemble_renormalises_the_mean_by_default_and_it_changes_the_caption(mo
 
 
 def test_caption_eval_passes_the_decoding_options(monkeypatch, tmp_path: Path):
-    import aac_lightning.captioning_ensemble as captioning_ensemble
+    from aac_lightning.commands.evaluate import caption_eval_command
 
     seen = {}
 
@@ -142,11 +142,11 @@ def test_caption_eval_passes_the_decoding_options(monkeypatch, tmp_path: Path):
 
     monkeypatch.setattr(CaptionEnsemble, "from_checkpoints", staticmethod(fake_from_checkpoints))
     with pytest.raises(Stop):
-        captioning_ensemble.caption_eval_command(["x.ckpt", "--clotho-root", str(tmp_path), "--device", "cpu"])
+        caption_eval_command(["x.ckpt", "--clotho-root", str(tmp_path), "--device", "cpu"])
     assert (seen["max_length"], seen["renormalize"], seen["finished"], seen["length_penalty"]) == (20, True, "collect", 1.0)
     seen.clear()
     with pytest.raises(Stop):
-        captioning_ensemble.caption_eval_command(
+        caption_eval_command(
             ["x.ckpt", "--clotho-root", str(tmp_path), "--device", "cpu", "--no-renormalize", "--finished", "keep",
              "--length-penalty", "0", "--max-length", "30"]
         )

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
 
-import aac_lightning.features as features
+import aac_lightning.data.feature_cache as features
 import aac_lightning.modules.captioning as captioning
 from aac_lightning.data import CaptioningDataModule, RetrievalDataModule
 from aac_lightning.modules import CaptioningSCST, CaptioningXE, ContrastiveRetrieval

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aac_lightning.data.datasets import Clotho
-from aac_lightning.features import FeatureCache, StaleCacheError, audio_file_fingerprint, cache_key, state_dict_sha256
+from aac_lightning.data.feature_cache import FeatureCache, StaleCacheError, audio_file_fingerprint, cache_key, state_dict_sha256
 from aac_lightning.nn.audio_encoders import load_audio_encoder
 
 TINY_AUDIO = dict(sample_rate=16000, window_size=512, hop_size=160, mel_bins=32, fmax=8000, channels=[4, 8, 8, 8, 8, 8], embed_dim=16)

@@ -14,14 +14,14 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-import aac_lightning.inference as inference
-from aac_lightning.captioning_ensemble import CaptionEnsemble, load_captioner
+import aac_lightning.inference.audio as inference_audio
 from aac_lightning.cli import main
 from aac_lightning.data import Clotho
 from aac_lightning.data.audio import AudioError, load_audio, resample
 from aac_lightning.inference import CACHE_DIR_NAME, Captioner, Retriever
 from aac_lightning.checkpoints import HandoffError, read_checkpoint
-from aac_lightning.retrieval_ensemble import RetrievalEnsemble
+from aac_lightning.ensembles.captioning import CaptionEnsemble, load_captioner
+from aac_lightning.ensembles.retrieval import RetrievalEnsemble
 from tests.test_scst_module import xe_ckpt  # noqa: F401  (fixture)
 from tests.test_xe_module import retrieval_ckpt  # noqa: F401  (fixture)
 
@@ -278,13 +278,13 @@ def test_search_ranks_like_the_retrieval_ensemble(retrieval_ckpt: Path, loaded, 
 
 def test_the_embedding_cache_is_reused_and_invalidated(retrieval_ckpt: Path, loaded, audio_dir: Path, eval_paths, monkeypatch):  # noqa: F811
     decoded: list[str] = []
-    real_load_audio = inference.load_audio
+    real_load_audio = inference_audio.load_audio
 
     def counting_load_audio(path, *args, **kwargs):
         decoded.append(Path(path).name)
         return real_load_audio(path, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "load_audio", counting_load_audio)
+    monkeypatch.setattr(inference_audio, "load_audio", counting_load_audio)
 
     def index(name: str) -> Retriever:
         decoded.clear()
@@ -345,8 +345,8 @@ def test_a_cache_folder_shared_by_two_audio_folders_keeps_them_apart(loaded, aud
     os.utime(twin / name, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert (twin / name).stat().st_size == stat.st_size
     decoded = []
-    real_load_audio = inference.load_audio
-    monkeypatch.setattr(inference, "load_audio", lambda path, *a, **k: decoded.append(path) or real_load_audio(path, *a, **k))
+    real_load_audio = inference_audio.load_audio
+    monkeypatch.setattr(inference_audio, "load_audio", lambda path, *a, **k: decoded.append(path) or real_load_audio(path, *a, **k))
     second = _retriever(loaded["base"], cache_dir=cache)
     second.index(twin)
     assert decoded == [twin / name]  # not taken from the first folder's entry
@@ -424,11 +424,11 @@ def test_frame_similarity_is_local_and_follows_its_definition(loaded, tmp_path: 
     # which a score that mixed in the whole clip would not do (the CNN sees ~3 s around a frame)
     assert np.allclose(scores_ab[:12], scores_a[:12], atol=1e-4)
     assert np.ptp(scores_ab) > 1e-3  # and the scores do change along the clip (tone, then noise)
-    # the definition: cosine of the text embedding with relu(fc1(frame)) through the audio projection
+    # the definition: cosine of the text embedding with the encoder's frame_embeddings through the audio projection
     with torch.no_grad():
         out = encoder(torch.from_numpy(a)[None], torch.tensor([n]))
         frames = out["frames"][0, : int(out["frame_lengths"][0])]  # (T', D)
-        projected = F.normalize(model.audio_projection(F.relu(encoder.fc1(frames))), dim=-1)  # (T', E)
+        projected = F.normalize(model.audio_projection(encoder.frame_embeddings(frames)), dim=-1)  # (T', E)
         text = F.normalize(model.text_projection(model.text_encoder([query])), dim=-1)[0]  # (E,)
     assert np.allclose(scores_a, (projected @ text).numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="query must be a non-empty string"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aac_lightning.captioning_ensemble import load_captioner
+from aac_lightning.ensembles.captioning import load_captioner
 from aac_lightning.checkpoints import UPGRADED_KEY, read_checkpoint
 from aac_lightning.modules.captioning import CaptioningXE
 from aac_lightning.modules.scst import CaptioningSCST
@@ -53,3 +53,22 @@ def test_a_current_checkpoint_is_not_upgraded(tmp_path: Path):
     assert read_checkpoint(tmp_path / "current.ckpt")[UPGRADED_KEY] == []
     with pytest.raises(Exception, match="memory_norm"):  # built with today's defaults: the old weights lack the new LayerNorm
         CaptioningXE.load_for_inference(tmp_path / "current.ckpt")
+
+
+@pytest.mark.parametrize("version", ["0.1.0", "0.2.0"])
+def test_an_scst_checkpoint_from_before_the_xe_scst_split_loads(tmp_path: Path, version: str):
+    """SCST checkpoints of the time when CaptioningSCST took every XE argument record XE-only ones: they are dropped."""
+    expected = torch.load(DATA / "xe_transformer_outputs.pt", weights_only=True)
+    ckpt = read_checkpoint(DATA / "xe_transformer.ckpt") if version == "0.2.0" else torch.load(DATA / "xe_transformer.ckpt", weights_only=True)
+    ckpt.pop(UPGRADED_KEY, None)
+    ckpt["aac_lightning"].update(version=version, kind="scst", class_path="aac_lightning.modules.scst.CaptioningSCST")
+    xe_only = dict(label_smoothing=0.1, warmup_steps=0, final_lr=5e-7, teacher_forcing_start=1.0, teacher_forcing_end=0.7)
+    ckpt["hyper_parameters"].update(xe_only, samples="per_clip", num_samples=5, baseline="greedy", cider_df="corpus")
+    torch.save(ckpt, tmp_path / "old_scst.ckpt")
+    assert not set(xe_only) & set(read_checkpoint(tmp_path / "old_scst.ckpt")["hyper_parameters"])
+    module = CaptioningSCST.load_for_inference(tmp_path / "old_scst.ckpt")
+    assert not set(xe_only) & set(module.hparams) and module.hparams.samples == "per_clip"
+    assert module.vocab.words == expected["vocabulary"] and module.vocab.hyphens == "split"
+    with torch.no_grad():
+        logits = module.model(expected["features"], expected["lengths"], expected["tokens"])
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-6)

@@ -19,7 +19,8 @@ import torch
 import yaml
 
 from aac_lightning.cli import main
-from aac_lightning.pipeline import PipelineRunner, RecipeError, load_recipe, normalize_metrics, parse_overrides, build_parser
+from aac_lightning.commands.pipeline import build_parser, parse_overrides
+from aac_lightning.pipeline import PipelineRunner, RecipeError, load_recipe, normalize_metrics
 from aac_lightning.checkpoints import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

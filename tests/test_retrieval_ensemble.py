@@ -16,20 +16,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import aac_lightning.retrieval_ensemble as ensemble_module
+import aac_lightning.ensembles.waveforms as waveforms_module
 from aac_lightning.data import Clotho, RetrievalDataModule, load_audio
 from aac_lightning.data.datasets import find_clotho_files
 from aac_lightning.data.synth import write_synthetic_clotho
 from aac_lightning.metrics.retrieval import audio_to_text_metrics, retrieval_metrics
 from aac_lightning.checkpoints import HandoffError
 from aac_lightning.modules.retrieval import ContrastiveRetrieval
-from aac_lightning.retrieval_ensemble import (
-    RetrievalEnsemble,
-    read_dcase_retrieval_csv,
-    read_ensemble_config,
-    retrieval_eval_command,
-    write_dcase_retrieval_csv,
-)
+from aac_lightning.commands.evaluate import retrieval_eval_command
+from aac_lightning.config import read_ensemble_config
+from aac_lightning.metrics.dcase import read_dcase_retrieval_csv, write_dcase_retrieval_csv
+from aac_lightning.ensembles.retrieval import RetrievalEnsemble
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,13 +139,13 @@ def test_two_members_average_their_similarities(ensemble, encoded, reference) ->
 
 def test_audio_read_once_per_distinct_rate(ensemble, reference, monkeypatch) -> None:
     calls: list[int] = []
-    real = ensemble_module.load_audio
+    real = waveforms_module.load_audio
 
     def counting_load_audio(path, sample_rate=32000, **kwargs):
         calls.append(sample_rate)
         return real(path, sample_rate, **kwargs)
 
-    monkeypatch.setattr(ensemble_module, "load_audio", counting_load_audio)
+    monkeypatch.setattr(waveforms_module, "load_audio", counting_load_audio)
     paths = reference["paths"][:3]
     cnn14, wlcnn14 = ensemble.models
     RetrievalEnsemble([cnn14, cnn14]).encode_audio_files(paths, batch_size=2)

@@ -22,7 +22,7 @@ from aac_lightning.cli import main
 from aac_lightning.data import Vocabulary, normalize_caption
 from aac_lightning.data.text import tokenize_caption
 from aac_lightning.nn.contrastive import ContrastiveLoss, info_nce_loss
-from aac_lightning.nn.panns import Cnn14
+from aac_lightning.nn.audio_encoders.panns import Cnn14
 from aac_lightning.config import read_configs
 
 REPO = Path(__file__).resolve().parents[1]

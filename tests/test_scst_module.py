@@ -13,7 +13,7 @@ import aac_lightning.modules.scst as scst
 from aac_lightning.cli import main
 from aac_lightning.data import CaptioningDataModule
 from aac_lightning.checkpoints import HandoffError, read_checkpoint
-from aac_lightning.modules.scst import CaptioningSCST, batch_document_frequency, leave_one_out_mean, scst_loss
+from aac_lightning.modules.scst import XE_ONLY_ARGUMENTS, CaptioningSCST, batch_document_frequency, leave_one_out_mean, scst_loss
 from aac_lightning.nn.decoding import SampledCaptions
 from tests.conftest import demo_config_overrides
 from tests.test_xe_module import TINY_CAPTIONER, fit_xe, retrieval_ckpt  # noqa: F401  (retrieval_ckpt is a fixture)
@@ -51,7 +51,7 @@ def test_training_step_rewards_advantages_and_deduplication(xe_ckpt: Path, monke
     vocab = module.vocab
     words = [w for w in vocab.words if w not in ("<pad>", "<bos>", "<eos>", "<unk>")][:3]
     a, b, c = (vocab.words.index(w) for w in words)
-    eos, pad = vocab.eos_id, vocab.pad_id
+    eos = vocab.eos_id
     feats = torch.randn(3, 5, 8)
     monkeypatch.setattr(module, "features", lambda batch: (feats, torch.tensor([5, 4, 3])))
     module._train_references = {3: ["x"], 5: ["y"]}  # only looked up by clip id
@@ -176,6 +176,8 @@ def test_scst_config_switches_any_xe_config_to_scst(name: str, decoder: str, cap
     model = config["model"]
     assert model["class_path"] == "aac_lightning.modules.CaptioningSCST"
     init = model["init_args"]
+    # the XE-only arguments of the XE config are dropped: CaptioningSCST does not take them
+    assert not set(XE_ONLY_ARGUMENTS) & set(init) and set(XE_ONLY_ARGUMENTS) & set(xe["model"]["init_args"])
     assert init["decoder"] == decoder and init["decoder_kwargs"] == xe["model"]["init_args"]["decoder_kwargs"]
     expected = tuple(yaml.safe_load((REPO / "conf" / "captioning" / "scst.yaml").read_text(encoding="utf-8"))["model"]["init_args"].get(k, d)
                      for k, d in [("lr", 5e-5), ("num_samples", 1), ("baseline", "greedy"), ("cider_df", "batch"), ("beam_size", 3)])

@@ -19,7 +19,7 @@ from aac_lightning.checkpoints import HandoffError, read_checkpoint
 from aac_lightning.modules.captioning import CaptioningXE
 from aac_lightning.config import build_model_offline, count_parameters, read_configs
 from tests.conftest import demo_config_overrides
-from tests.test_retrieval_module import TINY_AUDIO, fit_tiny
+from tests.test_retrieval_module import fit_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CAPTIONER = dict(
@@ -87,7 +87,7 @@ def test_cached_training_reads_the_cache_and_matches_online_features(cached_run)
     cache = module.feature_cache
     assert cache is not None and cache.is_complete()
     dm = trainer.datamodule
-    assert dm.load_audio is False  # no audio decoded once every feature is cached
+    assert dm.loads_audio is False  # no audio decoded once every feature is cached
     batch = next(iter(dm.train_dataloader()))
     assert batch["audio"].shape == (len(batch["keys"]), 0)
     records = dm.clips("train").records

@@ -9,10 +9,10 @@ from __future__ import annotations
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("write the synthetic dataset in the Clotho layout", "aac_lightning.commands.synth:synth_command"),
     "summary": ("build a configured model offline and print its parameter counts", "aac_lightning.commands.summary:summary_command"),
-    "pipeline": ("run a multi-stage recipe (stages/*.yaml) in a work directory; reruns resume", "aac_lightning.pipeline:pipeline_command"),
-    "demo": ("run the demo recipe stages/demo.yaml on synthetic data (offline, CPU)", "aac_lightning.demo:demo_command"),
-    "caption-eval": ("caption a Clotho subset with a captioner or an ensemble and score it", "aac_lightning.captioning_ensemble:caption_eval_command"),
-    "retrieval-eval": ("evaluate retrieval checkpoints or an ensemble; DCASE 6b submission CSV", "aac_lightning.retrieval_ensemble:retrieval_eval_command"),
-    "caption": ("caption audio files or folders with a captioner or an ensemble", "aac_lightning.inference:caption_command"),
-    "search": ("rank the audio files of a folder for text queries (cached embeddings)", "aac_lightning.inference:search_command"),
+    "pipeline": ("run a multi-stage recipe (stages/*.yaml) in a work directory; reruns resume", "aac_lightning.commands.pipeline:pipeline_command"),
+    "demo": ("run the demo recipe stages/demo.yaml on synthetic data (offline, CPU)", "aac_lightning.commands.demo:demo_command"),
+    "caption-eval": ("caption a Clotho subset with a captioner or an ensemble and score it", "aac_lightning.commands.evaluate:caption_eval_command"),
+    "retrieval-eval": ("evaluate retrieval checkpoints or an ensemble; DCASE 6b submission CSV", "aac_lightning.commands.evaluate:retrieval_eval_command"),
+    "caption": ("caption audio files or folders with a captioner or an ensemble", "aac_lightning.commands.inference:caption_command"),
+    "search": ("rank the audio files of a folder for text queries (cached embeddings)", "aac_lightning.commands.inference:search_command"),
 }

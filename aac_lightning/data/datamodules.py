@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -18,109 +16,40 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from aac_lightning.data.batches import (
+    CaptionPairs,
+    ClipItems,
+    TextOnlyClips,
+    TextOnlyPairs,
+    collate_clips,
+    collate_pairs,
+    crop_waveform,
+    pad_waveforms,
+)
 from aac_lightning.data.datasets import MACS, AudioCaps, CaptionDataset, Clotho, OnMissing
 from aac_lightning.data.samplers import EvenTrainSampler, ShardedEvalSampler
 from aac_lightning.data.splits import resplit, write_split_lists
 from aac_lightning.data.text import Vocabulary, check_hyphens, pad_token_ids
 
+__all__ = [  # the datasets and collate functions of `data.batches` are importable from here too
+    "AudioCaptionDataModule",
+    "CaptionPairs",
+    "CaptioningDataModule",
+    "ClipItems",
+    "RetrievalDataModule",
+    "TextOnlyClips",
+    "TextOnlyPairs",
+    "collate_clips",
+    "collate_pairs",
+    "crop_waveform",
+    "pad_waveforms",
+    "per_device_batch_size",
+]
+
 log = logging.getLogger(__name__)
 
 Source = Literal["clotho", "audiocaps", "macs"]
 Split = Literal["train", "val", "test"]
-
-
-def pad_waveforms(waveforms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad mono waveforms `(T_i,)` into `(B, T_max)`, with their true lengths `(B,)`."""
-    lengths = torch.tensor([w.shape[-1] for w in waveforms], dtype=torch.long)
-    batch = torch.zeros(len(waveforms), int(lengths.max()) if len(waveforms) else 0)
-    for row, w in enumerate(waveforms):
-        batch[row, : w.shape[-1]] = w
-    return batch, lengths
-
-
-def crop_waveform(waveform: torch.Tensor, max_samples: int | None, generator: torch.Generator | None) -> torch.Tensor:
-    """A random window of `max_samples` of a `(T,)` waveform (the whole one if it is shorter)."""
-    if max_samples is None or waveform.shape[-1] <= max_samples:
-        return waveform
-    start = int(torch.randint(0, waveform.shape[-1] - max_samples + 1, (1,), generator=generator))
-    return waveform[start : start + max_samples]
-
-
-class CaptionPairs(Dataset):
-    """One `(audio, caption)` pair per item: every caption of every clip once per epoch.
-
-    Items: the clip's item dict with `caption` (str), `caption_index` and `clip_id` (the clip's position
-    in `clips`, so captions of one clip that meet in a batch can be recognised).
-    """
-
-    def __init__(self, clips: CaptionDataset, max_seconds: float | None = None):
-        self.clips = clips
-        self.pairs = [(c, k) for c, caps in enumerate(clips.captions) for k in range(len(caps))]
-        self.max_samples = None if max_seconds is None else int(max_seconds * (clips.sample_rate or 1))
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        clip_index, caption_index = self.pairs[index]
-        item = self.clips[clip_index]
-        if item is None:
-            return None
-        audio = crop_waveform(item["audio"][0], self.max_samples, None)
-        return {
-            "audio": audio,
-            "caption": item["captions"][caption_index],
-            "caption_index": caption_index,
-            "clip_id": clip_index,
-            "fname": item["fname"],
-            "captions": item["captions"],
-        }
-
-
-class ClipItems(Dataset):
-    """One clip per item with all its captions (evaluation), audio optionally cut to `max_seconds`."""
-
-    def __init__(self, clips: CaptionDataset, max_seconds: float | None = None):
-        self.clips = clips
-        self.max_samples = None if max_seconds is None else int(max_seconds * (clips.sample_rate or 1))
-
-    def __len__(self) -> int:
-        return len(self.clips)
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        item = self.clips[index]
-        if item is None:
-            return None
-        audio = item["audio"][0]
-        if self.max_samples is not None:
-            audio = audio[: self.max_samples]
-        return {"audio": audio, "captions": item["captions"], "clip_id": index, "fname": item["fname"]}
-
-
-def collate_pairs(items: list[dict | None]) -> dict[str, Any]:
-    """Batch of training pairs: `audio (B, T)`, `audio_lengths (B,)`, `captions`, `clip_ids (B,)`, `fnames`."""
-    items = [it for it in items if it is not None]
-    audio, lengths = pad_waveforms([it["audio"] for it in items])
-    return {
-        "audio": audio,
-        "audio_lengths": lengths,
-        "captions": [it["caption"] for it in items],
-        "clip_ids": torch.tensor([it["clip_id"] for it in items], dtype=torch.long),
-        "fnames": [it["fname"] for it in items],
-    }
-
-
-def collate_clips(items: list[dict | None]) -> dict[str, Any]:
-    """Batch of evaluation clips: `audio (B, T)`, `audio_lengths`, `references` (captions per clip), `clip_ids`, `fnames`."""
-    items = [it for it in items if it is not None]
-    audio, lengths = pad_waveforms([it["audio"] for it in items])
-    return {
-        "audio": audio,
-        "audio_lengths": lengths,
-        "references": [it["captions"] for it in items],
-        "clip_ids": torch.tensor([it["clip_id"] for it in items], dtype=torch.long),
-        "fnames": [it["fname"] for it in items],
-    }
 
 
 def per_device_batch_size(global_batch_size: int, world_size: int, accumulate_grad_batches: int = 1) -> int:
@@ -169,6 +98,8 @@ class AudioCaptionDataModule(pl.LightningDataModule):
         split_dir: where the re-split's file lists go (default: the trainer's log dir).
         seed: seed of the training shuffle; `None` (default) takes the run's seed (`seed_everything`),
             so runs with different seeds also see different shuffles (0 when no seed is set).
+        predict_split: the split `predict_dataloader` serves (`aac-lightning predict`): `test` (default),
+            `val` or `train`; one clip per item, in order, no audio crop beyond the evaluation one.
     """
 
     def __init__(
@@ -192,8 +123,11 @@ class AudioCaptionDataModule(pl.LightningDataModule):
         on_bad_audio: OnMissing = "error",
         split_dir: str | None = None,
         seed: int | None = None,
+        predict_split: Split = "test",
     ):
         super().__init__()
+        if predict_split not in ("train", "val", "test"):
+            raise ValueError(f"predict_split must be one of ['train', 'val', 'test'], got {predict_split!r}")
         if not train_sources:
             raise ValueError("train_sources must name at least one dataset")
         for field_name, value in (("val_source", val_source), ("test_source", test_source)):
@@ -226,6 +160,7 @@ class AudioCaptionDataModule(pl.LightningDataModule):
         self.on_missing, self.on_bad_audio = on_missing, on_bad_audio
         self.split_dir = split_dir
         self._seed = seed
+        self.predict_split: Split = predict_split
         self._clips: dict[Split, CaptionDataset] = {}
         self._clotho_split: tuple[list[str], list[str]] | None = None
 
@@ -299,6 +234,8 @@ class AudioCaptionDataModule(pl.LightningDataModule):
             self.clips("val")
         if stage in (None, "test"):
             self.clips("test")
+        if stage == "predict":
+            self.clips(self.predict_split)
 
     def _write_split_lists(self) -> None:
         if "clotho" not in self.train_sources or not self.resplit:
@@ -394,6 +331,10 @@ class RetrievalDataModule(AudioCaptionDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(ClipItems(self.clips("test"), self.eval_max_seconds), collate_clips, train=False)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The clips of `predict_split`, as evaluated (one clip per item, in order)."""
+        return self._loader(ClipItems(self.clips(self.predict_split), self.eval_max_seconds), collate_clips, train=False)
+
 
 class CaptioningDataModule(AudioCaptionDataModule):
     """Data of the captioning stages: audio plus tokenised captions and the word vocabulary.
@@ -431,9 +372,28 @@ class CaptioningDataModule(AudioCaptionDataModule):
         self.train_max_seconds = train_max_seconds
         self.eval_max_seconds = eval_max_seconds
         self._vocabulary: Vocabulary | None = None
-        # Set to False by a captioner whose features are all cached: batches then carry no audio
-        # (`audio` is `(B, 0)`), so no file is decoded during training.
-        self.load_audio = True
+        self._load_audio = True
+
+    def use_vocabulary(self, vocabulary: Vocabulary) -> None:
+        """Encode captions with `vocabulary` (a model's) instead of building one from the training captions.
+
+        A vocabulary given explicitly (`vocabulary_path`) cannot be replaced: a different one raises.
+        """
+        if self.vocabulary_path is not None and self.vocabulary != vocabulary:
+            raise ValueError(f"the datamodule's vocabulary comes from vocabulary_path '{self.vocabulary_path}' and cannot be replaced")
+        self._vocabulary = vocabulary
+
+    def features_only(self, enabled: bool = True) -> None:
+        """Serve batches without audio (`audio` is `(B, 0)`): for a captioner whose features are all cached.
+
+        No audio file is then decoded; batches keep their clip `keys` (names in the feature cache).
+        """
+        self._load_audio = not enabled
+
+    @property
+    def loads_audio(self) -> bool:
+        """False once `features_only()` was called: batches then carry no audio."""
+        return self._load_audio
 
     @property
     def vocabulary(self) -> Vocabulary:
@@ -472,51 +432,31 @@ class CaptioningDataModule(AudioCaptionDataModule):
         batch["keys"] = self._keys("test", batch["clip_ids"])
         return batch
 
+    def collate_predict(self, items: list[dict | None]) -> dict[str, Any]:
+        """`collate_clips` plus the clip `keys` of `predict_split`."""
+        batch = collate_clips(items)
+        batch["keys"] = self._keys(self.predict_split, batch["clip_ids"])
+        return batch
+
     def _keys(self, split: Split, clip_ids: torch.Tensor) -> list[str]:
         records = self.clips(split).records
         return [records[i].key for i in clip_ids.tolist()]
 
+    def _clip_dataset(self, split: Split) -> Dataset:
+        clips = self.clips(split)
+        return ClipItems(clips, self.eval_max_seconds) if self._load_audio else TextOnlyClips(clips)
+
     def train_dataloader(self) -> DataLoader:
         clips = self.clips("train")
-        dataset = CaptionPairs(clips, self.train_max_seconds) if self.load_audio else TextOnlyPairs(clips)
+        dataset = CaptionPairs(clips, self.train_max_seconds) if self._load_audio else TextOnlyPairs(clips)
         return self._loader(dataset, self.collate_train, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        clips = self.clips("val")
-        dataset = ClipItems(clips, self.eval_max_seconds) if self.load_audio else TextOnlyClips(clips)
-        return self._loader(dataset, self.collate_val, train=False)
+        return self._loader(self._clip_dataset("val"), self.collate_val, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        clips = self.clips("test")
-        dataset = ClipItems(clips, self.eval_max_seconds) if self.load_audio else TextOnlyClips(clips)
-        return self._loader(dataset, self.collate_test, train=False)
+        return self._loader(self._clip_dataset("test"), self.collate_test, train=False)
 
-    def save_vocabulary(self, path: str | os.PathLike) -> Path:
-        """Write the vocabulary as JSON (for `vocabulary_path`)."""
-        path = Path(path)
-        self.vocabulary.save(path)
-        return path
-
-
-class TextOnlyPairs(CaptionPairs):
-    """`CaptionPairs` without reading audio (`audio` is empty): for captioners on cached features."""
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        clip_index, caption_index = self.pairs[index]
-        record = self.clips.records[clip_index]
-        return {
-            "audio": torch.zeros(0),
-            "caption": record.captions[caption_index],
-            "caption_index": caption_index,
-            "clip_id": clip_index,
-            "fname": record.fname,
-            "captions": list(record.captions),
-        }
-
-
-class TextOnlyClips(ClipItems):
-    """`ClipItems` without reading audio (`audio` is empty): for captioners on cached features."""
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.clips.records[index]
-        return {"audio": torch.zeros(0), "captions": list(record.captions), "clip_id": index, "fname": record.fname}
+    def predict_dataloader(self) -> DataLoader:
+        """The clips of `predict_split`, as evaluated (one clip per item, in order)."""
+        return self._loader(self._clip_dataset(self.predict_split), self.collate_predict, train=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sized
 
 import torch
@@ -74,6 +73,3 @@ class EvenTrainSampler(DistributedSampler):
             return full * self.batch_size
         remainder = max(remainder, world)
         return full * self.batch_size + len(range(self.rank, remainder, world))
-
-    def num_batches(self) -> int:
-        return math.ceil(len(self) / self.batch_size)

@@ -1,6 +1,7 @@
 """Retrieval metrics, fast CIDEr-D, and caption metrics through aac-metrics."""
 
 from aac_lightning.metrics.captioning import caption_metrics, unavailable_metrics, write_dcase_captioning_csv
+from aac_lightning.metrics.dcase import read_dcase_retrieval_csv, write_dcase_retrieval_csv
 from aac_lightning.metrics.cider import CiderD, CiderDocumentFrequency, cider_d
 from aac_lightning.metrics.java import prepare_java_resources
 from aac_lightning.metrics.retrieval import (
@@ -26,4 +27,6 @@ __all__ = [
     "top_k_candidates",
     "unavailable_metrics",
     "write_dcase_captioning_csv",
+    "read_dcase_retrieval_csv",
+    "write_dcase_retrieval_csv",
 ]

@@ -19,7 +19,6 @@ from aac_lightning import __version__
 from aac_lightning.checkpoints import (
     METADATA_KEY,
     UPGRADED_KEY,
-    HandoffError,
     check_kind,
     read_checkpoint,
 )

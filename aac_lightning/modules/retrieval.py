@@ -197,6 +197,9 @@ class ContrastiveRetrieval(AACModule):
         # Every rank holds the same global numbers: no further reduction.
         self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Audio embeddings of a batch of clips (for search indexes)."""
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Clip embeddings of a batch (`aac-lightning predict`): `{"fnames": [...], "audio_emb": (B, E) on the CPU}`.
+
+        `aac_lightning.callbacks.PredictionWriter` writes them to a `.pt` / `.npz` file.
+        """
         return {"fnames": batch["fnames"], "audio_emb": self.model.encode_audio(batch["audio"], batch["audio_lengths"]).cpu()}

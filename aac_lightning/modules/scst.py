@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
+from aac_lightning.checkpoints import CHECKPOINT_UPGRADES, read_checkpoint
 from aac_lightning.data.text import normalize_caption
 from aac_lightning.metrics.cider import CiderDocumentFrequency, cider_d
 from aac_lightning.modules.base import check_nonfinite_loss_mode
-from aac_lightning.checkpoints import read_checkpoint
-from aac_lightning.modules.captioning import CaptioningXE
+from aac_lightning.modules.captioner import CaptionerModule
+from aac_lightning.modules.captioning import upgrade_captioner_hparams
 from aac_lightning.nn.decoding import DEFAULT_MAX_LENGTH, greedy_decode, sample_decode
 
 BASELINES = ("greedy", "mean")
@@ -33,6 +34,9 @@ DUPLICATE_REWARDS = ("own", "first")
 # Captioner architecture arguments: `None` in the SCST config means "as in the `init_from` checkpoint".
 ARCHITECTURE_ARGUMENTS = ("input_dim", "decoder", "decoder_kwargs", "encoder_kwargs")
 XE_ARCHITECTURE_DEFAULTS = {"input_dim": 2048, "decoder": "transformer", "decoder_kwargs": None, "encoder_kwargs": None}
+# `CaptioningXE` arguments that SCST checkpoints written before the XE/SCST split recorded although SCST never
+# used them (SCST then accepted every XE argument): dropped when such a checkpoint is read.
+XE_ONLY_ARGUMENTS = ("label_smoothing", "warmup_steps", "final_lr", "teacher_forcing_start", "teacher_forcing_end")
 
 
 def scst_loss(log_probs: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
@@ -67,7 +71,7 @@ def leave_one_out_mean(rewards: torch.Tensor, num_samples: int) -> torch.Tensor:
     return others.reshape(-1)
 
 
-class CaptioningSCST(CaptioningXE):
+class CaptioningSCST(CaptionerModule):
     """SCST fine-tuning of an XE captioner (report Section 2.2): reward = CIDEr-D of sampled captions.
 
     Which captions are sampled (`samples`): `num_samples` per item of the batch (`"per_item"`, the
@@ -82,7 +86,8 @@ class CaptioningSCST(CaptioningXE):
     references of the distinct clips of each batch, one document per clip however often it occurs
     (`cider_df="batch"`, the authors', as pycocoevalcap's `Cider` computes them on the batch's
     `key -> references` dict), or fixed once from the training references (`cider_df="corpus"`).
-    Validation (beam search, `val/cider_d`) is inherited. The learning rate is constant (Adam).
+    Validation (beam search, `val/cider_d`), test and predict are `CaptionerModule`'s. The learning
+    rate is constant (Adam).
 
     The authors' `compute_batch_score` scores only the first item of each clip of the batch and gives
     its reward to the clip's other items, whose own samples are never scored;
@@ -101,8 +106,13 @@ class CaptioningSCST(CaptioningXE):
         duplicate_reward: `own` or `first` (the authors' code; see above). Only matters with `per_item`.
         sample_temperature: temperature of the sampling distribution (authors 1.0).
         nonfinite_loss: `error` or `skip` a step whose loss is NaN/inf (see `AACModule`).
-        Other arguments as in `CaptioningXE`; label smoothing, teacher forcing and the warm-up/decay
-        schedule are accepted (so an XE config can be reused) but unused.
+        Other arguments (extractor, vocabulary, feature cache, beam search) as in `CaptioningXE`.
+
+    **XE configs.** `conf/captioning/scst.yaml` is merged after an XE config (`--config <xe>.yaml
+    --config scst.yaml`); its `class_path` switches the model to this class, and LightningCLI
+    (jsonargparse) then keeps only the merged init args this class accepts: the XE-only ones (label
+    smoothing, warm-up, final rate, teacher forcing) are dropped, the architecture ones are kept and
+    checked against `init_from`.
     """
 
     kind = "scst"
@@ -120,13 +130,8 @@ class CaptioningSCST(CaptioningXE):
         vocabulary: list[str] | None = None,
         caption_hyphens: str = "keep",
         feature_cache_dir: str | None = None,
-        label_smoothing: float = 0.1,
         lr: float = 5e-5,
         weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        final_lr: float = 5e-7,
-        teacher_forcing_start: float = 1.0,
-        teacher_forcing_end: float = 0.7,
         beam_size: int = 3,
         max_decode_length: int = DEFAULT_MAX_LENGTH,
         beam_finished: str = "collect",
@@ -156,29 +161,18 @@ class CaptioningSCST(CaptioningXE):
             raise ValueError(f"sample_temperature must be > 0, got {sample_temperature}")
         given = {"input_dim": input_dim, "decoder": decoder, "decoder_kwargs": decoder_kwargs, "encoder_kwargs": encoder_kwargs}
         arch = self._architecture(init_from, given)
-        input_dim, decoder, decoder_kwargs, encoder_kwargs = (arch[name] for name in ARCHITECTURE_ARGUMENTS)
-        # LightningCLI records the config's init args (architecture `None`) as hyper-parameters, not
-        # these locals: `_build_captioner` puts the resolved architecture back before building.
-        object.__setattr__(self, "_resolved_architecture", arch)
-        # The final rate only matters to XE's schedule; keep XE's check (final_lr <= lr) satisfied.
+        # The base records the resolved architecture (not the config's `None`s) as hyper-parameters.
         super().__init__(
             extractor_ckpt=extractor_ckpt,
             extractor=extractor,
-            input_dim=input_dim,
-            decoder=decoder,
-            decoder_kwargs=decoder_kwargs,
-            encoder_kwargs=encoder_kwargs,
+            input_dim=arch["input_dim"],
+            decoder=arch["decoder"],
+            decoder_kwargs=arch["decoder_kwargs"],
+            encoder_kwargs=arch["encoder_kwargs"],
             vocab_size=vocab_size,
             vocabulary=vocabulary,
             caption_hyphens=caption_hyphens,
             feature_cache_dir=feature_cache_dir,
-            label_smoothing=label_smoothing,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            final_lr=min(final_lr, lr),
-            teacher_forcing_start=teacher_forcing_start,
-            teacher_forcing_end=teacher_forcing_end,
             beam_size=beam_size,
             max_decode_length=max_decode_length,
             beam_finished=beam_finished,
@@ -186,15 +180,8 @@ class CaptioningSCST(CaptioningXE):
             init_from=init_from,
             nonfinite_loss=nonfinite_loss,
         )
-        for name in ARCHITECTURE_ARGUMENTS:  # the checkpoint records the architecture actually built
-            self.hparams[name] = arch[name]
         self._document_frequency: CiderDocumentFrequency | None = None
         self._train_references: list[list[str]] | None = None
-
-    def _build_captioner(self, vocab, vocab_size: int | None = None) -> None:
-        for name in ARCHITECTURE_ARGUMENTS:
-            self.hparams[name] = self._resolved_architecture[name]
-        super()._build_captioner(vocab, vocab_size)
 
     @staticmethod
     def _architecture(init_from: str | None, given: dict[str, Any]) -> dict[str, Any]:
@@ -317,3 +304,15 @@ def batch_document_frequency(references: list[list[str]], clip_ids: list[int] | 
     keys = clip_ids if clip_ids is not None else [tuple(refs) for refs in references]
     distinct = sorted(set(first_occurrence_rows(keys)))
     return CiderDocumentFrequency.from_references([list(references[i]) for i in distinct])
+
+
+def upgrade_scst_hparams(ckpt: dict[str, Any]) -> list[str]:
+    """`upgrade_captioner_hparams`, then drop the XE-only arguments older SCST checkpoints recorded."""
+    filled = upgrade_captioner_hparams(ckpt)
+    hparams = ckpt["hyper_parameters"]
+    for name in XE_ONLY_ARGUMENTS:
+        hparams.pop(name, None)
+    return filled
+
+
+CHECKPOINT_UPGRADES["scst"] = upgrade_scst_hparams

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aac_lightning.nn.audio_encoders.base import encode_clips
+
 
 def _positive_int_attribute(module: nn.Module, argument: str, attribute: str) -> int:
     value = getattr(module, attribute, None)
@@ -105,8 +107,17 @@ class BiEncoder(nn.Module):
         return [f"{prefix}log_logit_scale"]
 
     def encode_audio(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Embed audio: ``waveform (B, T)``, optional ``lengths (B,)`` -> ``(B, embed_dim)``, unit norm."""
-        outputs = self.audio_encoder(waveform, lengths)
+        """Embed audio clips: ``waveform (B, T)``, optional ``lengths (B,)`` -> ``(B, embed_dim)``, unit norm.
+
+        Each clip is embedded as if alone (:func:`~aac_lightning.nn.audio_encoders.encode_clips`:
+        rows grouped by length, padding never reaches the encoder), so an embedding does not
+        depend on the batch; this is the path of evaluation, inference and search. Training
+        (:meth:`forward`) encodes its crops as one batch instead.
+        """
+        return self._project_audio(encode_clips(self.audio_encoder, waveform, lengths))
+
+    def _project_audio(self, outputs: object) -> torch.Tensor:
+        """The audio encoder's output mapping -> projected, unit-norm clip embeddings ``(B, E)``."""
         if not isinstance(outputs, Mapping) or "clip" not in outputs:
             raise TypeError(
                 f"audio_encoder ({type(self.audio_encoder).__name__}) must return a mapping with key "
@@ -145,8 +156,10 @@ class BiEncoder(nn.Module):
 
         Returns ``{"audio_emb": (B, E), "text_emb": (B, E), "logit_scale": ()}``; one call does
         both modalities so that a DistributedDataParallel wrapper sees every parameter used.
+        The training path: the audio batch goes through the encoder as it is, in one call (training
+        crops share a length), unlike :meth:`encode_audio`.
         """
-        audio_emb = self.encode_audio(waveform, lengths)
+        audio_emb = self._project_audio(self.audio_encoder(waveform, lengths))  # (B, E)
         text_emb = self.encode_text(texts)
         if audio_emb.shape[0] != text_emb.shape[0]:
             raise ValueError(

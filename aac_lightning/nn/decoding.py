@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from aac_lightning.nn.captioning import CaptionModel, DecodingState
+from aac_lightning.nn.captioning import CaptionModel, DecodingState, check_features
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",
@@ -73,13 +73,6 @@ def _check_max_length(max_length: int) -> None:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
 
 
-def _check_features(features: Tensor, feature_lengths: Tensor) -> None:
-    if not isinstance(features, Tensor) or features.dim() != 3:
-        raise ValueError("features must be a tensor of shape (batch, frames, dim)")
-    if not isinstance(feature_lengths, Tensor) or feature_lengths.shape != (features.shape[0],):
-        raise ValueError(f"feature_lengths must have shape ({features.shape[0]},), one length per clip")
-
-
 def _forbid_special(log_probs: Tensor, bos_id: int, pad_id: int) -> Tensor:
     """Log-probabilities (N, V) with the bos and pad columns set to -inf."""
     log_probs = log_probs.clone()
@@ -113,7 +106,7 @@ def greedy_decode(
     pad_id: int,
 ) -> Tensor:
     """Most likely word at each step; returns tokens (B, L) (see the module's output convention)."""
-    _check_features(features, feature_lengths)
+    check_features(features, feature_lengths)
     _check_max_length(max_length)
     _check_ids(model.vocab_size, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
     state = model.encode(features, feature_lengths)
@@ -155,7 +148,7 @@ def sample_decode(
     to and including each row's end token (all positions of a row that reached ``max_length``
     without one).
     """
-    _check_features(features, feature_lengths)
+    check_features(features, feature_lengths)
     _check_max_length(max_length)
     _check_ids(model.vocab_size, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
     if num_samples < 1:
@@ -209,7 +202,7 @@ def _per_model_inputs(
             )
         pairs = list(zip(features, feature_lengths))
     for f, lengths in pairs:
-        _check_features(f, lengths)
+        check_features(f, lengths)
     if len({f.shape[0] for f, _ in pairs}) != 1:
         raise ValueError("per-model features must all have the same batch size")
     return pairs

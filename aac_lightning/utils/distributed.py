@@ -125,3 +125,26 @@ def all_gather_with_grad(tensor: torch.Tensor, sizes: list[int] | None = None) -
         sizes = all_gather_sizes(tensor.shape[0], tensor.device)
     _check_sizes(tensor, sizes)
     return GatherLayer.apply(tensor, tuple(sizes))
+
+
+def launcher_rank() -> int:
+    """Global rank of this process as the launcher set it, known before the process group exists.
+
+    Lightning's DDP launcher, torchrun and SLURM start every rank with its rank in the environment;
+    Lightning reads it at import (``rank_zero_only.rank``) and the Trainer keeps it current. Unlike
+    :func:`get_rank`, this is right before ``trainer.fit`` initialises ``torch.distributed``.
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0))
+
+
+def is_launcher_rank_zero() -> bool:
+    """Rank 0 of a launched run (or a single process): the one process that writes shared files."""
+    return launcher_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank of the default group; does nothing when not distributed."""
+    if is_distributed():
+        dist.barrier()

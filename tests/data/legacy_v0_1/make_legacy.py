@@ -1,5 +1,5 @@
 """Run with the package at version 0.1.0 on PYTHONPATH: writes tiny XE/SCST-style checkpoints and their outputs."""
-import sys, json
+import sys
 from pathlib import Path
 import torch
 import lightning.pytorch as pl

@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aac_lightning.nn.audio_encoders import (
+from aac_lightning.nn.audio_encoders.base import (
     AudioEncoder,
+    check_num_frames,
     check_waveform,
+    clamp_to_duration,
     load_checkpoint_file,
-    load_state_dict_checked,
+    load_third_party_state,
 )
 
 __all__ = ["AST", "KaldiFbank", "kaldi_mel_banks", "resize_patch_pos_embed", "AUDIOSET_MEAN", "AUDIOSET_STD"]
@@ -222,6 +224,7 @@ class AST(AudioEncoder):
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         self.sample_rate = int(sample_rate)
         self.clip_dim = self.frame_dim = int(embed_dim)
+        self.patch_size = int(patch_size)
         self.tstride = int(tstride)
         self.fbank = KaldiFbank(
             sample_rate=sample_rate, num_mel_bins=mel_bins, target_length=target_length,
@@ -260,6 +263,26 @@ class AST(AudioEncoder):
         frame_lengths = frame_lengths.clamp(min=1, max=self.grid[1])
         return {"clip": clip, "frames": frames, "frame_lengths": frame_lengths}
 
+    def frame_times(self, num_frames: int, num_samples: int | None = None) -> torch.Tensor:
+        """Centre time (s) of each output frame, ``(num_frames,)`` float64.
+
+        Kaldi fbank frame ``k`` covers samples ``[k * shift, k * shift + window)`` (centre
+        ``k * shift + window / 2``); output frame ``i`` covers fbank frames ``i * tstride`` to
+        ``i * tstride + patch - 1``, centred on fbank frame ``i * tstride + (patch - 1) / 2``.
+        """
+        index = torch.arange(check_num_frames(num_frames), dtype=torch.float64)
+        fbank_frame = index * self.tstride + (self.patch_size - 1) / 2
+        centres = (fbank_frame * self.fbank.window_shift + self.fbank.window_size / 2) / self.sample_rate
+        return clamp_to_duration(centres, self.sample_rate, num_samples)
+
+    def frame_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
+        """The frames themselves: (..., T', D) -> (..., T', D).
+
+        Frames are patch tokens after the final LayerNorm, in the same space as the CLS and
+        distillation tokens whose mean is the clip embedding; no layer sits between them.
+        """
+        return frames
+
     def load_pretrained(
         self,
         checkpoint: str | Path,
@@ -293,9 +316,9 @@ class AST(AudioEncoder):
         num_patches = pos_embed.shape[1] - NUM_PREFIX_TOKENS
         old_grid = checkpoint_grid or self._infer_grid(num_patches, str(checkpoint))
         state_dict["v.pos_embed"] = resize_patch_pos_embed(pos_embed, tuple(old_grid), self.grid, NUM_PREFIX_TOKENS)
-        load_state_dict_checked(
-            self, state_dict, ignore_prefixes=("mlp_head.", "v.head.", "v.head_dist."),
-            source=f"checkpoint {checkpoint}",
+        load_third_party_state(
+            self, state_dict, source=f"AST checkpoint '{checkpoint}'",
+            ignore_prefixes=("mlp_head.", "v.head.", "v.head_dist."),
         )
 
     def _infer_grid(self, num_patches: int, source: str) -> tuple[int, int]:

@@ -26,11 +26,13 @@ from torch import nn
 from torchlibrosa.augmentation import SpecAugmentation
 from torchlibrosa.stft import LogmelFilterBank, Spectrogram
 
-from aac_lightning.nn.audio_encoders import (
+from aac_lightning.nn.audio_encoders.base import (
     AudioEncoder,
+    check_num_frames,
     check_waveform,
+    clamp_to_duration,
     load_checkpoint_file,
-    load_state_dict_checked,
+    load_third_party_state,
 )
 
 __all__ = ["ConvBlock", "ConvPreWavBlock", "Cnn14", "WavegramLogmelCnn14", "masked_max_mean_pool"]
@@ -239,11 +241,31 @@ class _PannsEncoder(AudioEncoder):
         clip = F.dropout(clip, p=self.fc_dropout, training=self.training)
         return {"clip": clip, "frames": frames, "frame_lengths": frame_lengths}
 
+    def frame_times(self, num_frames: int, num_samples: int | None = None) -> torch.Tensor:
+        """Centre time (s) of each output frame, ``(num_frames,)`` float64.
+
+        Log-mel frame ``k`` of the centred STFT is centred on sample ``k * hop``; output frame ``i``
+        pools log-mel frames ``32 i .. 32 i + 31``, so its centre is ``(32 i + 15.5) * hop / sr``.
+        """
+        index = torch.arange(check_num_frames(num_frames), dtype=torch.float64)
+        centres = (index * TIME_DOWNSAMPLING + (TIME_DOWNSAMPLING - 1) / 2) * self.hop_size / self.sample_rate
+        return clamp_to_duration(centres, self.sample_rate, num_samples)
+
+    def frame_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
+        """``relu(fc1(2 h))`` per frame: (..., T', C6) -> (..., T', clip_dim), no dropout.
+
+        The clip embedding is ``relu(fc1(max_t h + mean_t h))``; for a frame ``h`` this is the clip
+        embedding of a clip whose every frame is ``h`` (``max + mean`` of a constant sequence is
+        ``2 h``), so a one-frame clip's frame embedding equals its clip embedding exactly.
+        """
+        return F.relu(self.fc1(2.0 * frames))
+
     def load_pretrained(self, checkpoint: str | Path, trust_checkpoint: bool = False) -> None:
         """Load an official PANNs checkpoint (``{"model": state_dict, ...}``) strictly.
 
         The AudioSet classifier ``fc_audioset.*`` is ignored; any other missing or unexpected key
-        raises a ValueError naming it. A bare state dict (no ``"model"`` entry) is accepted too.
+        or shape mismatch raises a ValueError (:class:`~aac_lightning.checkpoints.HandoffError`)
+        naming it. A bare state dict (no ``"model"`` entry) is accepted too.
         """
         content = load_checkpoint_file(checkpoint, trust_checkpoint=trust_checkpoint)
         state_dict = content.get("model", content) if isinstance(content, dict) else None
@@ -252,8 +274,8 @@ class _PannsEncoder(AudioEncoder):
                 f"checkpoint {checkpoint} is not a PANNs checkpoint: expected a dict with a 'model' "
                 f"state dict, got {type(content).__name__}"
             )
-        load_state_dict_checked(
-            self, state_dict, ignore_prefixes=(AUDIOSET_HEAD_PREFIX,), source=f"checkpoint {checkpoint}"
+        load_third_party_state(
+            self, state_dict, source=f"PANNs checkpoint '{checkpoint}'", ignore_prefixes=(AUDIOSET_HEAD_PREFIX,)
         )
 
 

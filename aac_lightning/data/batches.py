@@ -1,0 +1,129 @@
+"""What the datamodules' loaders serve: pair and clip datasets (with or without audio) and their collate functions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from aac_lightning.data.datasets import CaptionDataset
+
+
+def pad_waveforms(waveforms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad mono waveforms `(T_i,)` into `(B, T_max)`, with their true lengths `(B,)`."""
+    lengths = torch.tensor([w.shape[-1] for w in waveforms], dtype=torch.long)
+    batch = torch.zeros(len(waveforms), int(lengths.max()) if len(waveforms) else 0)
+    for row, w in enumerate(waveforms):
+        batch[row, : w.shape[-1]] = w
+    return batch, lengths
+
+
+def crop_waveform(waveform: torch.Tensor, max_samples: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """A random window of `max_samples` of a `(T,)` waveform (the whole one if it is shorter)."""
+    if max_samples is None or waveform.shape[-1] <= max_samples:
+        return waveform
+    start = int(torch.randint(0, waveform.shape[-1] - max_samples + 1, (1,), generator=generator))
+    return waveform[start : start + max_samples]
+
+
+class CaptionPairs(Dataset):
+    """One `(audio, caption)` pair per item: every caption of every clip once per epoch.
+
+    Items: the clip's item dict with `caption` (str), `caption_index` and `clip_id` (the clip's position
+    in `clips`, so captions of one clip that meet in a batch can be recognised).
+    """
+
+    def __init__(self, clips: CaptionDataset, max_seconds: float | None = None):
+        self.clips = clips
+        self.pairs = [(c, k) for c, caps in enumerate(clips.captions) for k in range(len(caps))]
+        self.max_samples = None if max_seconds is None else int(max_seconds * (clips.sample_rate or 1))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        clip_index, caption_index = self.pairs[index]
+        item = self.clips[clip_index]
+        if item is None:
+            return None
+        audio = crop_waveform(item["audio"][0], self.max_samples, None)
+        return {
+            "audio": audio,
+            "caption": item["captions"][caption_index],
+            "caption_index": caption_index,
+            "clip_id": clip_index,
+            "fname": item["fname"],
+            "captions": item["captions"],
+        }
+
+
+class ClipItems(Dataset):
+    """One clip per item with all its captions (evaluation), audio optionally cut to `max_seconds`."""
+
+    def __init__(self, clips: CaptionDataset, max_seconds: float | None = None):
+        self.clips = clips
+        self.max_samples = None if max_seconds is None else int(max_seconds * (clips.sample_rate or 1))
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self.clips[index]
+        if item is None:
+            return None
+        audio = item["audio"][0]
+        if self.max_samples is not None:
+            audio = audio[: self.max_samples]
+        return {"audio": audio, "captions": item["captions"], "clip_id": index, "fname": item["fname"]}
+
+
+def collate_pairs(items: list[dict | None]) -> dict[str, Any]:
+    """Batch of training pairs: `audio (B, T)`, `audio_lengths (B,)`, `captions`, `clip_ids (B,)`, `fnames`."""
+    items = [it for it in items if it is not None]
+    audio, lengths = pad_waveforms([it["audio"] for it in items])
+    return {
+        "audio": audio,
+        "audio_lengths": lengths,
+        "captions": [it["caption"] for it in items],
+        "clip_ids": torch.tensor([it["clip_id"] for it in items], dtype=torch.long),
+        "fnames": [it["fname"] for it in items],
+    }
+
+
+def collate_clips(items: list[dict | None]) -> dict[str, Any]:
+    """Batch of evaluation clips: `audio (B, T)`, `audio_lengths`, `references` (captions per clip), `clip_ids`, `fnames`."""
+    items = [it for it in items if it is not None]
+    audio, lengths = pad_waveforms([it["audio"] for it in items])
+    return {
+        "audio": audio,
+        "audio_lengths": lengths,
+        "references": [it["captions"] for it in items],
+        "clip_ids": torch.tensor([it["clip_id"] for it in items], dtype=torch.long),
+        "fnames": [it["fname"] for it in items],
+    }
+
+
+class TextOnlyPairs(CaptionPairs):
+    """`CaptionPairs` without reading audio (`audio` is empty): for captioners on cached features."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        clip_index, caption_index = self.pairs[index]
+        record = self.clips.records[clip_index]
+        return {
+            "audio": torch.zeros(0),
+            "caption": record.captions[caption_index],
+            "caption_index": caption_index,
+            "clip_id": clip_index,
+            "fname": record.fname,
+            "captions": list(record.captions),
+        }
+
+
+class TextOnlyClips(ClipItems):
+    """`ClipItems` without reading audio (`audio` is empty): for captioners on cached features."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.clips.records[index]
+        return {"audio": torch.zeros(0), "captions": list(record.captions), "clip_id": index, "fname": record.fname}
