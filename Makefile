@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench bench-gpu clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,10 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not ddp" $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in bench/bench_*.py; do [ "$$b" = bench/bench_gpu.py ] && continue; echo "== $$b"; $(PY) $$b || exit 1; done
+
+bench-gpu: $(STAMP)
+	$(PY) bench/bench_gpu.py $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

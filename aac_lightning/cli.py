@@ -26,13 +26,24 @@ def _print_help() -> None:
         lines.append(f"  {name:<15} {text}")
     for name, (text, _) in COMMANDS.items():
         lines.append(f"  {name:<15} {text}")
-    lines += ["", "Run 'aac-lightning <subcommand> --help' for the options of one subcommand."]
+    lines += [
+        "",
+        "Run 'aac-lightning <subcommand> --help' for the options of one subcommand. 'fit ... --check' and",
+        "'pipeline RECIPE --check' list every input a run needs. Errors are one line (exit status 2);",
+        "--traceback (or AAC_LIGHTNING_TRACEBACK=1) shows the full traceback.",
+    ]
     print("\n".join(lines))
 
 
-def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the `aac-lightning` console script and `python -m aac_lightning`."""
+def main(args: Sequence[str] | None = None, report_errors: bool | None = None) -> None:
+    """Entry point of the `aac-lightning` console script and `python -m aac_lightning`.
+
+    `report_errors` (default: only when `args` is None, i.e. the console script) turns user errors into
+    one line on stderr and exit status 2; Python callers passing `args` get the typed exceptions.
+    """
     from_command_line = args is None
+    if report_errors is None:
+        report_errors = from_command_line
     args = list(sys.argv[1:] if args is None else args)
     if not args or args[0] in ("-h", "--help"):
         _print_help()
@@ -42,17 +53,30 @@ def main(args: Sequence[str] | None = None) -> None:
 
         print(__version__)
         return
-    command, rest = args[0], args[1:]
-    if command in TRAINER_SUBCOMMANDS:
-        from aac_lightning.lightning_cli import build_lightning_cli
+    from aac_lightning.commands.errors import run_reporting_errors, traceback_requested
 
-        build_lightning_cli(None if from_command_line else args)
+    show_traceback, stripped = traceback_requested(args)
+    show_traceback = show_traceback or not report_errors
+    command, rest = stripped[0], stripped[1:]
+    if command in TRAINER_SUBCOMMANDS:
+        from aac_lightning.commands.check import lightning_cli_with_check
+
+        from aac_lightning.commands.check import check_config_files
+
+        check_only = "--check" in rest
+        cli_args = [a for a in stripped if a != "--check"]
+        run_reporting_errors(f"aac-lightning {command}", lambda: check_config_files(cli_args), show_traceback)
+        if from_command_line and cli_args != args:
+            sys.argv = [sys.argv[0], *cli_args]  # LightningCLI (and Lightning's DDP launcher) read sys.argv
+        passed = None if from_command_line else cli_args
+        run_reporting_errors(f"aac-lightning {command}", lambda: lightning_cli_with_check(passed, check_only), show_traceback)
     elif command in COMMANDS:
         module_name, _, function = COMMANDS[command][1].partition(":")
-        getattr(importlib.import_module(module_name), function)(rest)
+        run_reporting_errors(f"aac-lightning {command}", lambda: getattr(importlib.import_module(module_name), function)(rest), show_traceback)
     else:
         _print_help()
-        raise SystemExit(f"aac-lightning: unknown subcommand {command!r}")
+        print(f"aac-lightning: error: unknown subcommand {command!r}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

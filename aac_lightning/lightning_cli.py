@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
-def build_lightning_cli(args: Sequence[str] | None, run: bool = True):
+def build_lightning_cli(args: Sequence[str] | None, run: bool = True, before_instantiate: Callable[[str | None, dict[str, Any]], None] | None = None):
     """LightningCLI in subclass mode over the package's modules and datamodules.
 
     `args=None` lets LightningCLI read `sys.argv` itself (the console script); `run=False` only
-    instantiates the trainer, model and datamodule (the demo runs them itself).
+    instantiates the trainer, model and datamodule (the demo runs them itself). `before_instantiate`
+    is called with the subcommand (None when `run=False`) and the parsed config as a plain mapping
+    before any class is built (the console script's input check, `aac-lightning fit ... --check`).
+    Exceptions raised while the config is parsed and its classes built carry the attribute
+    `aac_lightning_setup = True`, so the console script can report them as configuration errors.
     """
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
@@ -18,7 +23,9 @@ def build_lightning_cli(args: Sequence[str] | None, run: bool = True):
     import aac_lightning.data  # noqa: F401
     import aac_lightning.modules  # noqa: F401
 
-    return _preflight_cli_class(LightningCLI)(
+    cli_class = _preflight_cli_class(LightningCLI)
+    cli_class.before_instantiate_callback = staticmethod(before_instantiate) if before_instantiate is not None else None
+    return cli_class(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
@@ -37,6 +44,22 @@ def _preflight_cli_class(base: type) -> type:
     """
 
     class PreflightLightningCLI(base):
+        before_instantiate_callback = None
+
+        def before_instantiate_classes(self) -> None:
+            super().before_instantiate_classes()
+            callback = type(self).before_instantiate_callback
+            if callback is not None:
+                config = self.config[self.subcommand] if self.subcommand else self.config
+                callback(self.subcommand, config.as_dict())
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except Exception as err:
+                setattr(err, "aac_lightning_setup", True)  # see build_lightning_cli
+                raise
+
         def before_fit(self) -> None:
             from aac_lightning.utils.preflight import preflight_trainer_outputs
 

@@ -119,6 +119,16 @@ def test_very_short_audio_gives_valid_encoder_input(tmp_path: Path):
             assert torch.isfinite(out["clip"]).all() and torch.isfinite(out["frames"]).all(), name
             assert (out["frame_lengths"] >= 1).all(), name
         assert both["frame_lengths"][0] <= both["frame_lengths"][1], name
+    # "zero-padded to the encoder's minimum": the 10 samples alone equal them explicitly padded with zeros
+    # (PANNs: 64 hops, at least 65 log-mel frames; AST: one analysis window, its mean taken over the true 10)
+    minimum = {"cnn14": 64 * 160, "wavegram_logmel_cnn14": 64 * 128, "ast": 400}
+    for name, encoder in encoders.items():
+        padded = torch.nn.functional.pad(audio, (0, minimum[name] - audio.shape[1]))
+        with torch.no_grad():
+            alone = encoder(audio)
+            explicit = encoder(padded) if name != "ast" else encoder(padded, torch.tensor([audio.shape[1]]))
+        for key in ("clip", "frames"):
+            assert alone[key].shape == explicit[key].shape and torch.allclose(alone[key], explicit[key], atol=1e-6), (name, key)
 
 
 def test_very_long_audio_cropped_for_training_whole_for_evaluation(tmp_path: Path):
@@ -132,8 +142,14 @@ def test_very_long_audio_cropped_for_training_whole_for_evaluation(tmp_path: Pat
     pairs = CaptionPairs(clips, max_seconds=10.0)  # what RetrievalDataModule(train_max_seconds=10) trains on
     crop = pairs[0]["audio"]
     assert crop.shape == (10 * 16000,)
-    starts = [int(s) for s in torch.nonzero(full == crop[0]).flatten()[:50]]
-    assert any(torch.equal(full[s : s + crop.shape[0]], crop) for s in starts)  # a true window of the clip
+    # a true window of the clip: only the window is read and resampled, which equals the same window of
+    # the whole resampled clip up to float rounding
+    n = full.shape[0] - crop.shape[0] + 1
+    close = (full[:n] - crop[0]).abs() < 1e-5
+    for k in (1, 2, 3):
+        close &= (full[k : n + k] - crop[k]).abs() < 1e-5
+    starts = [int(s) for s in torch.nonzero(close).flatten()[:50]]
+    assert any(torch.allclose(full[s : s + crop.shape[0]], crop, atol=1e-5) for s in starts)
     assert pairs[5]["audio"].shape[0] < 16000  # the short clip is not padded or cropped
 
     assert ClipItems(clips, max_seconds=None)[0]["audio"].shape == (600 * 16000,)  # evaluation: the whole clip
@@ -152,6 +168,7 @@ FORMATS = [  # (subtype, extension, channels)
     ("PCM_24", "wav", 1),
     ("FLOAT", "wav", 2),  # float32
     ("PCM_16", "flac", 1),
+    ("PCM_16", "aiff", 2),
 ]
 
 
@@ -169,6 +186,23 @@ def test_audio_format_and_rate_resampled_to_model_rate(tmp_path: Path, rate: int
     amplitude = 0.5 * np.mean([0.5 + 0.5 * c for c in range(channels)])  # write_tone's channel gains, mixed down
     assert np.sqrt(np.mean(x[1000:-1000] ** 2)) == pytest.approx(amplitude / np.sqrt(2), rel=0.03)
     assert written.shape == (rate, channels)
+
+
+@pytest.mark.parametrize("subtype,ext", [("VORBIS", "ogg"), ("OPUS", "ogg"), ("MPEG_LAYER_III", "mp3")])
+def test_lossy_formats_ogg_and_mp3_are_read_and_resampled(tmp_path: Path, subtype: str, ext: str):
+    """The README's "OGG, MP3": lossy codecs keep the tone's frequency, about its level and duration."""
+    rate = 48000 if subtype == "OPUS" else 44100  # Opus encodes at 48 kHz only
+    path = tmp_path / f"tone.{ext}"
+    write_tone(path, seconds=1.0, sr=rate, freq=1000.0, channels=2, subtype=subtype)
+    audio, sr = load_audio(path, 32000)
+    assert sr == 32000 and audio.shape[0] == 1 and audio.dtype == torch.float32
+    assert abs(audio.shape[1] - 32000) <= 0.06 * 32000, audio.shape  # encoder delay / frame padding at most
+    x = audio[0, :32000].numpy()
+    spectrum = np.abs(np.fft.rfft(x, n=32000))
+    assert abs(int(np.argmax(spectrum)) - 1000) <= 1
+    assert np.sqrt(np.mean(x[4000:-4000] ** 2)) == pytest.approx(0.5 * 0.75 / np.sqrt(2), rel=0.1)
+    upper = path.rename(tmp_path / f"TONE.{ext.upper()}")
+    assert list_audio_files(tmp_path) == [upper]  # a folder given to `caption` / `search` finds it, any case
 
 
 # ============================================================================================ files
@@ -357,7 +391,7 @@ def test_non_ascii_captions_are_normalised_consistently(tmp_path: Path):
 def _run_cli_expecting_exit(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(args)
-    assert exit_info.value.code not in (0, None)
+    assert exit_info.value.code == 2  # the README: user errors exit with status 2
     return capsys.readouterr().err
 
 
@@ -655,3 +689,44 @@ def test_cli_fit_fails_before_training(synth_root: Path, tmp_path: Path, monkeyp
         main(args)
     assert steps == []  # no training step ran
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("config.yaml"))  # nothing written yet
+
+
+def test_safe_loading_of_ast_weights_yaml_search_cache_and_hugging_face_bin(tmp_path: Path):
+    """The README's "Safe loading" cases beyond stage checkpoints: nothing pickled runs, clean files load."""
+    from transformers import BertConfig, BertModel
+
+    from aac_lightning.config import read_ensemble_config
+    from aac_lightning.inference.cache import EmbeddingCache
+    from aac_lightning.pipeline.recipe import RecipeError, load_recipe
+
+    marker = tmp_path / "code_ran"
+    # a booby-trapped AST .pth: refused at torch.load, naming the object
+    ast_kwargs = dict(embed_dim=16, depth=1, num_heads=2, mel_bins=32, target_length=64)
+    state = load_audio_encoder("ast", **ast_kwargs).state_dict()
+    torch.save({**state, "payload": RunsShellCommand(marker)}, tmp_path / "ast.pth")
+    with pytest.raises(ValueError, match=r"(?s)cannot be loaded with weights_only=True: .*posix\.system"):
+        load_audio_encoder("ast", checkpoint=tmp_path / "ast.pth", **ast_kwargs)
+    assert not marker.exists()
+    # YAML python tags in a recipe and an ensemble config: safe_load refuses them, nothing runs
+    tag = f"!!python/object/apply:os.system [\"touch '{marker}'\"]"
+    (tmp_path / "recipe.yaml").write_text(f"name: {tag}\nstages: []\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"recipe\.yaml: invalid YAML: .*python/object/apply:os\.system"):
+        load_recipe(tmp_path / "recipe.yaml", tmp_path / "work")
+    (tmp_path / "ensemble.yaml").write_text(f"checkpoints:\n  - {tag}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"ensemble\.yaml' is not valid YAML: .*python/object/apply:os\.system"):
+        read_ensemble_config(tmp_path / "ensemble.yaml")
+    assert not marker.exists()
+    # a search cache holding pickled code: ignored (rebuilt), never unpickled
+    cache = EmbeddingCache(tmp_path / "cache", "k" * 64)
+    cache.path.parent.mkdir()
+    torch.save({"format": 1, "key": "k" * 64, "names": RunsShellCommand(marker)}, cache.path)
+    reread = EmbeddingCache(tmp_path / "cache", "k" * 64)
+    assert reread.entries == {} and reread.dirty and not marker.exists()
+    # a clean Hugging Face folder with only pytorch_model.bin (no safetensors) still loads, equal weights
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
+    model.save_pretrained(tmp_path / "bert", safe_serialization=False)
+    assert (tmp_path / "bert" / "pytorch_model.bin").is_file() and not (tmp_path / "bert" / "model.safetensors").exists()
+    encoder = TextEncoder(str(tmp_path / "bert"), pretrained=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(encoder.model.state_dict()[key], value), key

@@ -62,3 +62,37 @@ def test_resume_restores_and_continues(tmp_path: Path):
     trainer.fit(Regressor(), loader(), loader(), ckpt_path=str(tmp_path / "a" / "last.ckpt"))
     assert trainer.global_step == 16
     assert torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)["epoch"] == 3
+
+
+def test_a_save_interrupted_midway_keeps_the_previous_complete_last_ckpt(tmp_path: Path):
+    """`last.ckpt` is written aside and renamed: a run killed while writing epoch 2 leaves epoch 1's file."""
+    import io
+
+    import pytest
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class KilledWhileWriting(TorchCheckpointIO):
+        """Writes the third checkpoint (epoch 2) half-way, then the process "dies"."""
+
+        calls = 0
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            KilledWhileWriting.calls += 1
+            if KilledWhileWriting.calls < 3:
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            Path(path).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            raise RuntimeError("killed while saving")
+
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[LatestCheckpoint(tmp_path / "a")], plugins=[KilledWhileWriting()])
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        trainer.fit(Regressor(), loader(), loader())
+    last = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)  # complete, the epoch before
+    assert last["epoch"] == 1 and last["global_step"] == 8
+    # and a run resumed from it finishes like an uninterrupted one
+    resumed = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[LatestCheckpoint(tmp_path / "a")])
+    resumed.fit(Regressor(), loader(), loader(), ckpt_path=str(tmp_path / "a" / "last.ckpt"))
+    assert torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)["epoch"] == 2

@@ -16,15 +16,25 @@ from aac_lightning.data import Clotho
 from aac_lightning.data.text import Vocabulary
 from aac_lightning.metrics.captioning import read_dcase_captioning_csv
 from aac_lightning.checkpoints import HandoffError
-from tests.test_xe_module import online_run, retrieval_ckpt  # noqa: F401 (fixtures)
+from tests.test_xe_module import distinct_run, online_run, retrieval_ckpt  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def xe_ckpt(online_run, tmp_path_factory) -> Path:  # noqa: F811
-    module, trainer = online_run
+def xe_ckpt(distinct_run, tmp_path_factory) -> Path:  # noqa: F811
+    """A captioner whose captions differ between clips, so mixed-up clips or members show."""
+    module, trainer, _ = distinct_run
     path = tmp_path_factory.mktemp("xe") / "xe.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def other_xe_ckpt(online_run, tmp_path_factory) -> Path:  # noqa: F811
+    """Another captioner (other extractor statistics, one epoch): same data, so the same vocabulary."""
+    module, trainer = online_run
+    path = tmp_path_factory.mktemp("xe") / "other.ckpt"
     trainer.save_checkpoint(path)
     return path
 
@@ -46,6 +56,7 @@ def test_ensemble_of_one_equals_the_model_and_two_copies_too(xe_ckpt: Path, synt
     paths = [r.path for r in Clotho(synth_root, "evaluation").records]
     member = load_captioner(xe_ckpt)
     expected = _own_captions(member, paths)
+    assert len(set(expected)) >= 3, expected  # a clip mix-up or a batch-order bug would show
     one = CaptionEnsemble.from_checkpoints([xe_ckpt], beam_size=member.hparams.beam_size, max_length=member.hparams.max_decode_length)
     assert one.caption_files(paths, batch_size=4) == expected
     two = CaptionEnsemble.from_checkpoints([xe_ckpt, xe_ckpt], beam_size=member.hparams.beam_size, max_length=member.hparams.max_decode_length)
@@ -66,11 +77,55 @@ def test_a_retrieval_checkpoint_is_not_a_captioner(retrieval_ckpt: Path):  # noq
 
 
 def test_caption_eval_command_writes_metrics_and_submission(xe_ckpt: Path, synth_root: Path, tmp_path: Path):
+    from aac_lightning.metrics import caption_metrics
+
     main(["caption-eval", str(xe_ckpt), "--clotho-root", str(synth_root), "--out", str(tmp_path / "m.json"), "--csv", str(tmp_path / "s.csv")])
     metrics = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))["metrics"]
     assert {"bleu_4", "meteor", "rouge_l", "cider_d"} <= set(metrics)
     fnames, captions = read_dcase_captioning_csv(tmp_path / "s.csv")
-    assert fnames == Clotho(synth_root, "evaluation").fnames and all(isinstance(c, str) for c in captions)
+    dataset = Clotho(synth_root, "evaluation")
+    assert fnames == dataset.fnames
+    # each clip's own caption in the CSV (caption-eval decodes up to 20 words, the authors' length),
+    # and the metrics are those of the CSV's captions
+    own = CaptionEnsemble.from_checkpoints([xe_ckpt], beam_size=3, max_length=20).caption_files([r.path for r in dataset.records], batch_size=1)
+    assert captions == own
+    assert len(set(captions)) >= 3, captions
+    expected = caption_metrics(captions, dataset.captions)
+    assert set(metrics) == set(expected)
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(float(value), abs=1e-6), name
+
+
+def test_ensemble_of_two_different_captioners_through_captioner_and_caption(xe_ckpt: Path, other_xe_ckpt: Path, synth_root: Path, tmp_path: Path, capsys):
+    from aac_lightning import Captioner
+
+    records = Clotho(synth_root, "evaluation").records
+    paths = [r.path for r in records]
+    members = [load_captioner(p) for p in (xe_ckpt, other_xe_ckpt)]
+    alone = [_own_captions(m, paths) for m in members]
+    assert alone[0] != alone[1]  # two really different captioners
+    ensemble = CaptionEnsemble.from_checkpoints([xe_ckpt, other_xe_ckpt], beam_size=3, max_length=20)
+    library = ensemble.caption_files(paths, batch_size=4)
+    # the shared beam over each member's own frames, each clip encoded alone by each member's own extractor
+    from aac_lightning.data.audio import load_audio
+
+    expected = []
+    with torch.no_grad():
+        for path in paths:
+            outs = []
+            for member in members:
+                audio, _ = load_audio(path, member.extractor.sample_rate)
+                outs.append(member.extractor(audio, torch.tensor([audio.shape[1]])))
+            expected += ensemble.decode([o["frames"] for o in outs], [o["frame_lengths"] for o in outs])
+    assert library == expected
+    assert library != alone[0] or library != alone[1]  # not one member's captions under another name
+    captioner = Captioner.from_checkpoint([xe_ckpt, other_xe_ckpt])
+    assert captioner.caption(paths, batch_size=2) == [(str(p), c) for p, c in zip(paths, library)]
+    # each clip as if alone: the same captions one file at a time, and in the other order
+    assert [captioner.caption(p)[0][1] for p in reversed(paths)] == list(reversed(library))
+    main(["caption", str(xe_ckpt), str(other_xe_ckpt), *map(str, paths), "--out", str(tmp_path / "c.csv")])
+    fnames, captions = read_dcase_captioning_csv(tmp_path / "c.csv")
+    assert captions == library and fnames == [str(p) for p in paths]
 
 
 def test_report_systems_as_configs():

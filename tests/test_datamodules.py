@@ -107,7 +107,38 @@ def test_distributed_samplers_cover_each_sample_once(n: int, batch: int, world: 
     used = [i for p in per_rank for i in p]
     assert set(used) == set(data)
     assert len(used) - n < world  # at most world - 1 repeats, only when the last global batch is tiny
-    # the union of the ranks' k-th batches is the k-th global batch of the single-process order
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(5 + 3)).tolist()
-    first_global = sorted(i for p in per_rank for i in p[:batch])
-    assert first_global == sorted(order[: batch * world])
+    # the union of the ranks' k-th batches is the k-th batch of the same sampler at world 1 with the
+    # global batch (one process), for every k; only a tiny last one is topped up from the epoch's start
+    single = EvenTrainSampler(data, batch * world, 1, 0, shuffle=True, seed=5)
+    single.set_epoch(3)
+    single_order = list(single)
+    assert sorted(single_order) == data
+    single_batches = [single_order[k : k + batch * world] for k in range(0, n, batch * world)]
+    assert len(single_batches) == n_batches.pop()
+    for k, expected in enumerate(single_batches):
+        union = [i for p in per_rank for i in p[k * batch : (k + 1) * batch]]
+        if len(expected) >= world or k < len(single_batches) - 1:
+            assert sorted(union) == sorted(expected), k
+        else:  # fewer samples than ranks: each rank gets one, the missing ones from the epoch's start
+            assert sorted(union) == sorted(expected + single_order[: world - len(expected)]), k
+
+
+def test_data_sample_rate_differing_from_the_model_is_an_error_and_unset_follows_the_model(synth_root: Path):
+    """The bad-input table's "data sample rate differing from the model's": both rates named; unset follows."""
+    import types
+
+    def attached(dm, model_rate: int):
+        dm.trainer = types.SimpleNamespace(lightning_module=types.SimpleNamespace(sample_rate=model_rate))
+        return dm
+
+    for cls in (RetrievalDataModule, CaptioningDataModule):
+        dm = attached(cls(clotho_root=str(synth_root), sample_rate=32000), 16000)
+        with pytest.raises(ValueError, match=r"data\.sample_rate=32000 but the model's audio encoder expects 16000 Hz"):
+            dm.setup("fit")
+        for model_rate in (16000, 8000):
+            follows = attached(cls(clotho_root=str(synth_root)), model_rate)
+            clips = follows.clips("train")
+            assert clips.sample_rate == model_rate and clips[0]["sr"] == model_rate
+        same = attached(cls(clotho_root=str(synth_root), sample_rate=16000), 16000)
+        assert same.clips("val")[0]["sr"] == 16000
+    assert RetrievalDataModule(clotho_root=str(synth_root)).resolved_sample_rate() == 32000  # no model: PANNs' rate

@@ -68,6 +68,34 @@ class NoBatchStatisticsRetrieval(ContrastiveRetrieval):
         return self
 
 
+class NoDropoutXE(CaptioningXE):
+    """`CaptioningXE` whose captioner computes in eval mode while it trains: no dropout draws.
+
+    Each DDP rank draws dropout masks from its own generator, so two ranks cannot compute what one
+    process computes on the whole batch; without them (and with teacher forcing kept at 1, so
+    scheduled sampling draws nothing) the two runs do the same arithmetic on the same global batches.
+    """
+
+    def setup(self, stage: str) -> None:
+        # The captioner is built here, once the vocabulary is known: from a fixed seed, so its first
+        # weights do not depend on what the process drew before (DDP setup, samplers).
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            super().setup(stage)
+        if stage == "fit":
+            self.initial_captioner = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def training_step(self, batch, batch_idx):
+        self.model.eval()
+        return super().training_step(batch, batch_idx)
+
+
+# Every training caption cut to 3 words: all rows hold 5 tokens, so each rank's token-mean loss is
+# over the same number of tokens and the mean of the ranks' gradients is the global batch's gradient
+# (with captions of different lengths, per-rank token means weight the ranks' tokens differently).
+XE_CAPTION_WORDS = 3
+
+
 class Recorder(pl.Callback):
     """Per training step: the logged metrics and the batch's (file name, caption) pairs."""
 
@@ -144,9 +172,9 @@ def _nan_once_cross_entropy(rank: int):
     return types.SimpleNamespace(cross_entropy=cross_entropy)
 
 
-def _run_xe(root: Path, out: Path, rank: int) -> dict[str, Any]:
+def _run_xe(root: Path, out: Path, rank: int, ddp: bool = True) -> dict[str, Any]:
     builds: list[int] = []
-    original_build = features.FeatureCache.build
+    original_build, original_functional = features.FeatureCache.build, captioning.F
 
     def counting_build(self, *args, **kwargs):
         extracted = original_build(self, *args, **kwargs)
@@ -154,13 +182,22 @@ def _run_xe(root: Path, out: Path, rank: int) -> dict[str, Any]:
         return extracted
 
     features.FeatureCache.build = counting_build
-    captioning.F = _nan_once_cross_entropy(rank)  # one rank's loss of one step is NaN
-    pl.seed_everything(0)
-    module = CaptioningXE(extractor_ckpt=str(out / "contrastive.ckpt"), feature_cache_dir=str(out / "cache"), nonfinite_loss="skip", lr=1e-3, **TINY_CAPTIONER)
-    dm = CaptioningDataModule(**data_kwargs(root, out, ddp=True))
-    recorder = Recorder()
-    trainer = make_trainer(out, True, [recorder], max_epochs=1, limit_train_batches=3, check_val_every_n_epoch=2)  # validated after fit
-    trainer.fit(module, datamodule=dm)
+    captioning.F = _nan_once_cross_entropy(rank)  # one rank's loss of one step is NaN (one process: pass XE_NAN_RANK)
+    try:
+        pl.seed_everything(0)
+        module = NoDropoutXE(
+            extractor_ckpt=str(out / "contrastive.ckpt"), feature_cache_dir=str(out / "cache"), nonfinite_loss="skip", lr=1e-3,
+            teacher_forcing_end=1.0, **TINY_CAPTIONER,
+        )
+        dm = CaptioningDataModule(max_caption_words=XE_CAPTION_WORDS, **data_kwargs(root, out, ddp=ddp))
+        recorder = Recorder()
+        trainer = make_trainer(out, ddp, [recorder], max_epochs=1, limit_train_batches=3, check_val_every_n_epoch=2)  # validated after fit
+        trainer.fit(module, datamodule=dm)
+    finally:  # the test process runs this too: leave its modules as they were (the workers keep
+        if not ddp:  # counting, so SCST's setup shows it finds every feature cached)
+            features.FeatureCache.build, captioning.F = original_build, original_functional
+    if not ddp:
+        return {"steps": recorder.steps, "skipped": module.nonfinite_skipped, "global_step": trainer.global_step, "initial": module.initial_captioner, "weights": weights(module)}
     val = trainer.validate(module, datamodule=dm, verbose=False)[0]
     trainer.save_checkpoint(out / "xe.ckpt")
     keys = [r.key for r in dm.clips("val").records] + [r.key for r in dm.clips("train").records]
@@ -171,6 +208,7 @@ def _run_xe(root: Path, out: Path, rank: int) -> dict[str, Any]:
         "cache_file": (str(module.feature_cache.path), stat.st_ino, stat.st_mtime_ns),
         "features_sha": hashlib.sha256(feats.numpy().tobytes() + lengths.numpy().tobytes()).hexdigest(),
         "steps": recorder.steps,
+        "initial": module.initial_captioner,
         "skipped": module.nonfinite_skipped,
         "global_step": trainer.global_step,
         "val": val,
@@ -311,6 +349,26 @@ def test_xe_ddp_writes_the_cache_once_and_evaluates_like_one_process(ddp_run: di
         assert rank["global_step"] == 3 and rank["skipped"] == 1
         assert rank["steps"][XE_NAN_STEP]["logged"]["train/nonfinite_skipped"] == 1.0
     assert_same_weights(ranks[0]["weights"], ranks[1]["weights"])
+    # one process on the same global batches (the same step's NaN skipped) ends with the same weights
+    single_dir = ddp_run["base"] / "single_xe"
+    single_dir.mkdir()
+    shutil.copy(ddp_run["out"] / "contrastive.ckpt", single_dir / "contrastive.ckpt")
+    single = _run_xe(ddp_run["root"], single_dir, XE_NAN_RANK, ddp=False)
+    assert single["global_step"] == 3 and single["skipped"] == 1
+    assert_same_weights(single["initial"], ranks[0]["initial"])
+    for step in range(3):
+        union = sorted(ranks[0]["steps"][step]["pairs"] + ranks[1]["steps"][step]["pairs"])
+        assert union == single["steps"][step]["pairs"], step
+    for step in (0, 2):  # the logged loss: the mean over the ranks, the global batch's loss
+        assert ranks[0]["steps"][step]["logged"]["train/loss"] == pytest.approx(single["steps"][step]["logged"]["train/loss"], rel=1e-5), step
+    moved = max((ranks[0]["weights"]["model." + k] - v).abs().max().item() for k, v in ranks[0]["initial"].items())
+    assert moved > 1e-4  # XE did train
+    # Up to rounding: Adam divides by the gradient's magnitude, so the attention key biases (gradient
+    # zero up to rounding) move by noise; measured worst 7.6e-6 for moves of 5e-4. Other batches or
+    # other gradient weights move weights by the size of a step.
+    differences = {k: (ranks[0]["weights"][k] - v).abs().max().item() for k, v in single["weights"].items()}
+    worst = max(differences, key=differences.get)
+    assert differences[worst] <= 0.05 * moved, (worst, differences[worst], moved)
     # validation CIDEr-D over the ranks equals one process decoding all validation clips
     assert_captioner_validates_like_one_process(ddp_run, ranks, CaptioningXE, "xe")
 

@@ -448,3 +448,31 @@ def test_package_exports_the_inference_classes_lazily():
     code = "import sys, aac_lightning; print('aac_lightning.inference' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_retriever_from_two_checkpoints_and_search_command_average_the_members(
+    retrieval_ckpt: Path, other_retrieval_ckpt: Path, loaded, audio_dir: Path, tmp_path: Path, capsys  # noqa: F811
+):
+    """`Retriever.from_checkpoint([a, b])` and `search a b`: the members' similarity matrices averaged."""
+    files = sorted(audio_dir.rglob("*.wav"))
+    alone = []
+    for member in ("base", "other"):
+        retriever = _retriever(loaded[member], use_cache=False)
+        retriever.index(audio_dir)
+        alone.append(retriever.similarity(QUERIES))  # (Q, A)
+    mean = (alone[0] + alone[1]) / 2
+    assert not torch.allclose(alone[0], alone[1], atol=1e-3)
+    both = Retriever.from_checkpoint([retrieval_ckpt, other_retrieval_ckpt], cache_dir=tmp_path / "cache")
+    both.index(audio_dir)
+    assert torch.allclose(both.similarity(QUERIES), mean, atol=1e-5)
+    results = both.search(QUERIES, k=len(files))
+    for row, ranked in zip(mean, results):
+        order = torch.argsort(row, descending=True).tolist()
+        assert [path for path, _ in ranked] == [str(files[i]) for i in order]
+        assert np.allclose([score for _, score in ranked], row[order].numpy(), atol=1e-5)
+    # the console command with both checkpoints prints the same ranking
+    main(["search", str(retrieval_ckpt), str(other_retrieval_ckpt), "--audio-dir", str(audio_dir), QUERIES[0], "--json", "--no-cache"])
+    ranking = json.loads(capsys.readouterr().out)["results"][0]["ranking"]
+    relative = dict(zip(both.files, both.names))
+    assert [e["file"] for e in ranking] == [relative[p] for p, _ in results[0]]
+    assert np.allclose([e["score"] for e in ranking], [s for _, s in results[0]], atol=1e-5)

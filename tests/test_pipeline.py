@@ -254,9 +254,17 @@ def test_wandb_offline_run_per_stage_with_group_job_type_config_and_tables(synth
     assert group.startswith("wandbcheck-")
     runs = list((work / "pretrain" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    records = next(runs[0].glob("run-*.wandb")).read_bytes()
-    for expected in (group, "contrastive", "pretrain", "audio_encoder:cnn14", f"text_encoder:{Path(tiny_text_encoder).name}", "model.init_args.embed_dim"):
-        assert expected.encode() in records, expected
+    expected = (group, "contrastive", "pretrain", "audio_encoder:cnn14", f"text_encoder:{Path(tiny_text_encoder).name}", "model.init_args.embed_dim")
+    # W&B's service process may still be writing the offline run file when `wandb.finish()` returns on
+    # a loaded machine: wait (bounded) for the records instead of reading a half-written file.
+    deadline = time.monotonic() + 60
+    while True:
+        records = next(runs[0].glob("run-*.wandb")).read_bytes()
+        missing = [item for item in expected if item.encode() not in records]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not missing, missing
     table = next(runs[0].glob("files/media/table/test/retrieval_examples*.table.json"))
     data = json.loads(table.read_text(encoding="utf-8"))
     assert data["columns"] == ["query", "target", "rank", "file", "score", "correct"] and data["data"]

@@ -54,7 +54,9 @@ def test_training_step_rewards_advantages_and_deduplication(xe_ckpt: Path, monke
     eos = vocab.eos_id
     feats = torch.randn(3, 5, 8)
     monkeypatch.setattr(module, "features", lambda batch: (feats, torch.tensor([5, 4, 3])))
-    module._train_references = {3: ["x"], 5: ["y"]}  # only looked up by clip id
+    # Each sample (and greedy caption) is one of its own clip's references and none of the other's: the
+    # reward below depends on the references, so scoring a clip against the other's changes the loss.
+    module._train_references = {3: [words[0], words[1]], 5: [words[2], f"{words[0]} {words[1]}"]}
     calls = {}
 
     def fake_sample(model, f, lengths, **kwargs):
@@ -73,7 +75,10 @@ def test_training_step_rewards_advantages_and_deduplication(xe_ckpt: Path, monke
     reward_of = {words[0]: 1.0, words[1]: 0.5, words[2]: 2.0, f"{words[0]} {words[1]}": 0.0}
     monkeypatch.setattr(scst, "sample_decode", fake_sample)
     monkeypatch.setattr(scst, "greedy_decode", fake_greedy)
-    monkeypatch.setattr(module, "cider_rewards", lambda cands, refs, clips=None: torch.tensor([reward_of[x] for x in cands]))
+    monkeypatch.setattr(
+        module, "cider_rewards",
+        lambda cands, refs, clips=None: torch.tensor([reward_of[x] if x in rs else -5.0 for x, rs in zip(cands, refs)]),
+    )
     module.train()
     batch = {"clip_ids": torch.tensor([3, 3, 5])}  # clip 3 met twice: sampled once
     loss = module.training_step(batch, 0)

@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from aac_lightning.data import Clotho, Vocabulary, normalize_caption, resplit
 from aac_lightning.data.splits import write_split_lists
-from aac_lightning.data.synth import EVENTS, make_clip, write_synthetic_clotho
+from aac_lightning.data.synth import EVENTS, Event, captions_for, make_clip, write_synthetic_clotho
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,6 +115,14 @@ def test_synth_captions_depend_on_order_and_are_deterministic(tmp_path: Path):
     # The template "{a} followed by {b}" lists events in time order: reversing the order changes captions.
     orders = {tuple(e.kind for e in make_clip(i, seed=0, sr=8000)[1]) for i in range(200)}
     assert any(tuple(reversed(o)) in orders for o in orders if len(o) == 2)
+    # the same two events in the other order, worded with the same random draws: no caption in common
+    beep, hiss = Event("beep", "high", 0.0, 0.5), Event("hiss", "loud", 0.6, 0.5)
+    for seed in range(5):
+        forward = captions_for([beep, hiss], np.random.default_rng(seed))
+        backward = captions_for([hiss, beep], np.random.default_rng(seed))
+        assert not set(forward) & set(backward), (forward, backward)
+        for caption in forward + backward:
+            assert "high" in caption.lower() or "shrill" in caption.lower(), caption  # both events named
     write_synthetic_clotho(tmp_path / "a", n_clips=6, seed=2, sample_rate=8000)
     write_synthetic_clotho(tmp_path / "b", n_clips=6, seed=2, sample_rate=8000)
     for sub in ("development", "validation", "evaluation"):

@@ -15,4 +15,5 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retrieval-eval": ("evaluate retrieval checkpoints or an ensemble; DCASE 6b submission CSV", "aac_lightning.commands.evaluate:retrieval_eval_command"),
     "caption": ("caption audio files or folders with a captioner or an ensemble", "aac_lightning.commands.inference:caption_command"),
     "search": ("rank the audio files of a folder for text queries (cached embeddings)", "aac_lightning.commands.inference:search_command"),
+    "pack": ("store datasets' audio once at the model's sample rate in HDF5 packs (resumable)", "aac_lightning.commands.pack:pack_command"),
 }

@@ -26,6 +26,12 @@ def build_parser(prog: str = "aac-lightning pipeline") -> argparse.ArgumentParse
     parser.add_argument("--wandb-project", default="aac_lightning", help="W&B project (default aac_lightning)")
     parser.add_argument("--examples", type=int, default=8, help="test examples kept per stage (default 8)")
     parser.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="set a recipe variable, e.g. --var data_root=/data (repeatable)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only list every input the unfinished stages need (data, weights, text encoders, handoffs, Java, disk) "
+        "and exit: 0 when all are present, 2 when something is missing. A real run does the same check first.",
+    )
     return parser
 
 
@@ -60,5 +66,10 @@ def pipeline_command(args: Sequence[str]) -> None:
     ns, overrides = parse_overrides(parser, args)
     loggers = [name.strip() for name in ns.loggers.split(",") if name.strip()]
     runner = PipelineRunner(ns.recipe, ns.workdir, overrides, loggers, ns.wandb_project, ns.examples, parse_variables(parser, ns.var))
+    if ns.check:
+        report = runner.check()
+        print(report.format_table())
+        print(f"\nrecipe {runner.recipe.path}: " + ("all inputs present" if report.ok else f"{len(report.missing())} input(s) missing"))
+        raise SystemExit(0 if report.ok else 2)
     runner.run()
     print(f"results written to {runner.workdir / 'results.json'}")

@@ -27,6 +27,7 @@ from aac_lightning.data.batches import (
     pad_waveforms,
 )
 from aac_lightning.data.datasets import MACS, AudioCaps, CaptionDataset, Clotho, OnMissing
+from aac_lightning.data.pack import PackDtype, PackedAudio, pack_records
 from aac_lightning.data.samplers import EvenTrainSampler, ShardedEvalSampler
 from aac_lightning.data.splits import resplit, write_split_lists
 from aac_lightning.data.text import Vocabulary, check_hyphens, pad_token_ids
@@ -100,6 +101,11 @@ class AudioCaptionDataModule(pl.LightningDataModule):
             so runs with different seeds also see different shuffles (0 when no seed is set).
         predict_split: the split `predict_dataloader` serves (`aac-lightning predict`): `test` (default),
             `val` or `train`; one clip per item, in order, no audio crop beyond the evaluation one.
+        packed_dir: read audio from the packs in this folder (`aac-lightning pack`: every clip stored
+            once at the model's rate) instead of decoding the files: same items, same crops. At setup,
+            clips not packed yet or changed since are packed first (rank 0 writes, the others wait).
+        pack_dtype: storage type of the packs: `int16` (default; reads equal the files' up to int16
+            rounding) or `float32` (equal exactly, twice the disk).
     """
 
     def __init__(
@@ -124,6 +130,8 @@ class AudioCaptionDataModule(pl.LightningDataModule):
         split_dir: str | None = None,
         seed: int | None = None,
         predict_split: Split = "test",
+        packed_dir: str | None = None,
+        pack_dtype: PackDtype = "int16",
     ):
         super().__init__()
         if predict_split not in ("train", "val", "test"):
@@ -161,6 +169,9 @@ class AudioCaptionDataModule(pl.LightningDataModule):
         self.split_dir = split_dir
         self._seed = seed
         self.predict_split: Split = predict_split
+        if pack_dtype not in ("int16", "float32"):
+            raise ValueError(f"pack_dtype must be 'int16' or 'float32', got {pack_dtype!r}")
+        self.packed_dir, self.pack_dtype = packed_dir, pack_dtype
         self._clips: dict[Split, CaptionDataset] = {}
         self._clotho_split: tuple[list[str], list[str]] | None = None
 
@@ -236,6 +247,23 @@ class AudioCaptionDataModule(pl.LightningDataModule):
             self.clips("test")
         if stage == "predict":
             self.clips(self.predict_split)
+        if self.packed_dir is not None:
+            self._use_packs(rate)
+
+    def _use_packs(self, rate: int) -> None:
+        """Pack what is missing or stale (rank 0; the others wait), then read every split from the packs."""
+        records = {r.key: r for clips in self._clips.values() for r in clips.records}
+        trainer = self.trainer
+        if trainer is None or trainer.global_rank == 0:
+            written = pack_records(list(records.values()), self.packed_dir, rate, self.pack_dtype)
+            if written:
+                log.info("packed %d clips into %s", written, self.packed_dir)
+        if trainer is not None:
+            trainer.strategy.barrier("pack")
+        packed = PackedAudio(self.packed_dir, rate, self.pack_dtype)
+        packed.check(list(records.values()))
+        for clips in self._clips.values():
+            clips.use_pack(packed)
 
     def _write_split_lists(self) -> None:
         if "clotho" not in self.train_sources or not self.resplit:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
-from aac_lightning.data.audio import AudioError, load_audio
+from aac_lightning.data.audio import AudioError, audio_length, crop_start, load_audio_window
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ class CaptionDataset(Dataset):
         self.on_bad_audio = on_bad_audio
         self.bad_audio_skipped = 0
         self.missing_fnames: list[str] = []  # clips dropped because their audio file is missing
+        self.packed: Any = None  # a PackedAudio to read from instead of the files (`use_pack`)
         self.records = self._check_files(list(records))
 
     def _check_files(self, records: list[ClipRecord]) -> list[ClipRecord]:
@@ -187,18 +188,50 @@ class CaptionDataset(Dataset):
     def fnames(self) -> list[str]:
         return [r.fname for r in self.records]
 
-    def load_audio(self, index: int) -> torch.Tensor | None:
-        """Audio `(channels, time)` of clip `index`, or `None` for a bad file under `on_bad_audio='skip'`."""
+    def use_pack(self, packed: Any) -> None:
+        """Read audio from a pack (`aac_lightning.data.pack.PackedAudio`) instead of the files; `None`: the files."""
+        self.packed = packed
+
+    def _bad_audio(self, err: AudioError) -> None:
+        if self.on_bad_audio == "error":
+            raise err
+        self.bad_audio_skipped += 1
+        log.warning("skipping bad audio (%d so far in this process): %s", self.bad_audio_skipped, err)
+
+    def audio_length(self, index: int) -> int | None:
+        """Samples of clip `index` at `sample_rate` (from the header or the pack, nothing decoded); `None`: bad file, skipped."""
         record = self.records[index]
         try:
-            audio, _ = load_audio(record.path, self.sample_rate)
+            if self.packed is not None:
+                return self.packed.length(record.key)
+            return audio_length(record.path, self.sample_rate)
         except AudioError as err:
-            if self.on_bad_audio == "error":
-                raise
-            self.bad_audio_skipped += 1
-            log.warning("skipping bad audio (%d so far in this process): %s", self.bad_audio_skipped, err)
+            self._bad_audio(err)
             return None
-        return audio
+
+    def load_audio(self, index: int, start: int = 0, num_samples: int | None = None) -> torch.Tensor | None:
+        """Audio `(channels, time)` of clip `index` (samples `[start, start + num_samples)` only: nothing
+        else is decoded), or `None` for a bad file under `on_bad_audio='skip'`."""
+        record = self.records[index]
+        try:
+            if self.packed is not None:
+                return self.packed.read(record.key, start, num_samples)
+            return load_audio_window(record.path, start, num_samples, self.sample_rate)
+        except AudioError as err:
+            self._bad_audio(err)
+            return None
+
+    def load_crop(self, index: int, max_samples: int | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """A random window of `max_samples` of clip `index` (`(channels, time)`), reading only that window.
+
+        The offset is drawn as `crop_start(length, max_samples, generator)`: the same draw, hence the
+        same crop, as cropping the whole decoded clip (`batches.crop_waveform`).
+        """
+        length = self.audio_length(index)
+        if length is None:
+            return None
+        start = crop_start(length, max_samples, generator)
+        return self.load_audio(index, start, max_samples)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
@@ -222,9 +255,9 @@ class CaptionDataset(Dataset):
         unknown = [k for k in keys if k not in by_key]
         if unknown:
             raise KeyError(f"{self.name}: unknown clip keys {unknown[:5]}")
-        return CaptionDataset(
-            [by_key[k] for k in keys], name, self.sample_rate, self.on_missing, self.on_bad_audio
-        )
+        selected = CaptionDataset([by_key[k] for k in keys], name, self.sample_rate, self.on_missing, self.on_bad_audio)
+        selected.packed = self.packed
+        return selected
 
     @staticmethod
     def concat(datasets: Sequence["CaptionDataset"], name: str) -> "CaptionDataset":

@@ -26,6 +26,7 @@ from aac_lightning.modules.base import check_nonfinite_loss_mode
 from aac_lightning.modules.captioner import CaptionerModule
 from aac_lightning.modules.captioning import upgrade_captioner_hparams
 from aac_lightning.nn.decoding import DEFAULT_MAX_LENGTH, greedy_decode, sample_decode
+from aac_lightning.utils.distributed import is_distributed
 
 BASELINES = ("greedy", "mean")
 CIDER_DF_MODES = ("corpus", "batch")
@@ -224,12 +225,20 @@ class CaptioningSCST(CaptionerModule):
 
         In batch mode the document frequencies come from the references of the distinct clips of the
         batch, one document per clip however many candidates it has: clips told apart by `clip_ids`
-        (one per candidate) when given, else by their reference lists.
+        (one per candidate) when given, else by their reference lists. Under DDP the batch is the
+        global one: the ranks' references are gathered first (a collective: every rank calls this).
         """
         if self.hparams.cider_df == "corpus":
             if self._document_frequency is None:
                 raise ValueError("cider_df='corpus' but no document frequencies were built (setup('fit') not run)")
             frequency = self._document_frequency
+        elif is_distributed():
+            # The global batch's clips, as one process holding the whole batch would count them.
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, (references, clip_ids))
+            all_references = [refs for part, _ in gathered for refs in part]
+            all_ids = None if clip_ids is None else [c for _, ids in gathered for c in ids]
+            frequency = batch_document_frequency(all_references, all_ids)
         else:
             frequency = batch_document_frequency(references, clip_ids)
         _, scores = cider_d(candidates, references, document_frequency=frequency)

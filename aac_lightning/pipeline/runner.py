@@ -99,10 +99,23 @@ class PipelineRunner:
         return {"recipe": self.recipe.name, "workdir": str(self.workdir), "stages": stages}
 
     # ------------------------------------------------------------------ running
-    def run(self) -> dict[str, Any]:
-        """Run every unfinished stage in order; returns (and writes) `DIR/results.json`."""
+    def check(self):
+        """Every input the unfinished stages need (data, weights, text encoders, handoffs, Java, disk): a
+        `PreflightReport` (`report.ok`, `report.format_table()`); see :mod:`aac_lightning.pipeline.check`."""
+        from aac_lightning.pipeline.check import recipe_report
+
+        return recipe_report(self)
+
+    def run(self, check: bool = True) -> dict[str, Any]:
+        """Run every unfinished stage in order; returns (and writes) `DIR/results.json`.
+
+        With `check` (default), `check()` runs first, on every rank, and a missing input stops the run
+        before the first stage with a `PreflightError` whose message is the table of every requirement.
+        """
         from aac_lightning.utils.preflight import check_output_dir
 
+        if check:
+            self.check().raise_if_missing()
         self.workdir.mkdir(parents=True, exist_ok=True)
         check_output_dir(self.workdir)
         # Under DDP the launcher re-runs this command on every rank: the files that rank 0 writes

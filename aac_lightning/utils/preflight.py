@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,105 @@ def preflight_trainer_outputs(trainer: Any, min_free_bytes: int | None = None) -
             continue
         seen.add(key)
         check_output_dir(path, min_free_bytes, purpose)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks of a run's inputs (`aac-lightning pipeline RECIPE --check`, `aac-lightning fit ... --check`):
+# the requirement rows and the error that carries them. What is required is decided above this layer
+# (`aac_lightning.pipeline.check`); this module only holds the plain records, the table and the disk probe.
+
+PRESENT = "present"
+MISSING = "MISSING"
+WARNING = "warning"  # missing but not needed to run (e.g. SPICE jars): listed, does not stop the run
+LATER = "made later"  # a handoff checkpoint an earlier stage of the same run will write
+
+
+class PreflightError(FileNotFoundError):
+    """Inputs of a run are missing; `report` lists every requirement (present and missing) with how to fix.
+
+    A FileNotFoundError, so callers catching missing files keep working; `str(err)` is the whole table.
+    """
+
+    def __init__(self, report: "PreflightReport") -> None:
+        self.report = report
+        missing = report.missing()
+        super().__init__(f"{len(missing)} required input(s) missing before the run starts:\n{report.format_table()}")
+
+
+@dataclass
+class Requirement:
+    """One input of one stage: what it is, where (path, hub id or config key), its status and how to get it."""
+
+    stage: str
+    what: str
+    target: str
+    status: str
+    fix: str = ""
+    key: str = ""  # the config key or recipe variable that sets it
+
+    @property
+    def blocking(self) -> bool:
+        return self.status == MISSING
+
+
+@dataclass
+class PreflightReport:
+    """Every requirement of a run; `ok` when none is missing."""
+
+    requirements: list[Requirement] = field(default_factory=list)
+
+    def missing(self) -> list[Requirement]:
+        return [r for r in self.requirements if r.blocking]
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing()
+
+    def raise_if_missing(self) -> None:
+        """Raises PreflightError (carrying this report) when something required is missing."""
+        if not self.ok:
+            raise PreflightError(self)
+
+    def format_table(self, only_problems: bool = False) -> str:
+        """A plain-text table `stage | input | status | where`, then one 'how to fix' line per problem."""
+        rows = [r for r in self.requirements if not only_problems or r.status in (MISSING, WARNING)]
+        if not rows:
+            return "(nothing to check)"
+        header = ("stage", "input", "status", "where")
+        cells = [(r.stage, r.what, r.status if r.status != LATER else r.fix, r.target) for r in rows]
+        widths = [min(40, max(len(header[i]), *(len(c[i]) for c in cells))) for i in range(3)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header[:3], widths)) + "  " + header[3]]
+        lines += ["  ".join(c[i].ljust(widths[i]) for i in range(3)) + "  " + c[3] for c in cells]
+        problems: dict[tuple[str, str, bool], list[str]] = {}  # one line per (input, fix), naming its stages
+        for r in rows:
+            if r.status in (MISSING, WARNING) and r.fix:
+                problems.setdefault((r.what, r.fix, r.blocking), []).append(r.stage)
+        if problems:
+            lines += ["", "how to get what is missing:"]
+            for (what, fix, blocking), stages in problems.items():
+                label = "" if blocking else ", not required"
+                lines.append(f"  - {what} [{', '.join(dict.fromkeys(stages))}{label}]: {fix}")
+        return "\n".join(lines)
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free bytes on the disk that holds `path` or its nearest existing parent (None for remote paths)."""
+    text = os.fspath(path)
+    if _is_remote(text):
+        return None
+    folder = Path(text).expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def disk_requirement(stage: str, path: str | os.PathLike, what: str = "free disk", min_free_bytes: int | None = None) -> Requirement:
+    """A requirement row: at least `min_free_bytes` (default `$AAC_LIGHTNING_MIN_FREE_MB`) free where `path` will be."""
+    need = min_free_bytes_from_env() if min_free_bytes is None else min_free_bytes
+    free = free_bytes(path)
+    target = f"{path}"
+    if free is None or need <= 0:
+        return Requirement(stage, what, target, PRESENT, key="")
+    status = PRESENT if free >= need else MISSING
+    fix = f"only {free / _MB:.0f} MB free, {need / _MB:.0f} MB required: free some space, or set {MIN_FREE_ENV}"
+    return Requirement(stage, what, f"{target} ({free / _MB:.0f} MB free)", status, fix if status == MISSING else "")
