@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from aac_lightning.nn.bi_encoder import BiEncoder
 from aac_lightning.nn.contrastive import ContrastiveLoss, info_nce_loss
+from tests.ddp import spawn_workers
 
 WORLD_SIZE = 2
 WORDS = "a dog barks cat meows rain falls car passes bird sings loud quiet".split()
@@ -126,22 +124,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_workers(out_dir: Path, timeout_s: float = 90.0) -> None:
-    context = mp.start_processes(
-        _worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=1.0):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail(f"DDP workers did not finish within {timeout_s} s")
+    spawn_workers(_worker, (str(out_dir),), WORLD_SIZE, timeout_s)
 
 
 def _single_process_reference(rank0_rows: int) -> dict:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
-import time
 import types
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,6 @@ import pytest
 import soundfile as sf
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
 
 import aac_lightning.data.feature_cache as features
@@ -39,6 +36,7 @@ from aac_lightning.data import CaptioningDataModule, RetrievalDataModule
 from aac_lightning.modules import CaptioningSCST, CaptioningXE, ContrastiveRetrieval
 from tests.test_retrieval_module import TINY_AUDIO
 from tests.test_xe_module import TINY_CAPTIONER
+from tests.ddp import spawn_workers
 
 WORLD_SIZE = 2
 PER_RANK_BATCH = 4
@@ -247,12 +245,6 @@ def _worker(rank: int, port: int, root: str, out_dir: str) -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_run(synth_root: Path, tmp_path_factory) -> dict[str, Any]:
     """The three stages under 2-process DDP: per-rank results, the data root and the output folder."""
@@ -260,13 +252,7 @@ def ddp_run(synth_root: Path, tmp_path_factory) -> dict[str, Any]:
     root = equal_length_copy(synth_root, base / "data")
     out = base / "ddp"
     out.mkdir()
-    context = mp.start_processes(_worker, args=(_free_port(), str(root), str(out)), nprocs=WORLD_SIZE, join=False, start_method="spawn")
-    deadline = time.monotonic() + 400
-    while not context.join(timeout=1.0):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail("DDP workers did not finish within 400 s")
+    spawn_workers(_worker, (str(root), str(out)), WORLD_SIZE, timeout_s=400)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
     return {"ranks": ranks, "root": root, "out": out, "base": base}
 

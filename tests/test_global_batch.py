@@ -9,8 +9,6 @@ the schedule computed by hand.
 from __future__ import annotations
 
 import os
-import socket
-import time
 import types
 from pathlib import Path
 
@@ -18,7 +16,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
 
 from aac_lightning.data import CaptioningDataModule
@@ -26,6 +23,7 @@ from aac_lightning.data.datamodules import per_device_batch_size
 from aac_lightning.modules.captioning import CaptioningXE
 from aac_lightning.modules.schedules import ScheduleError, step_budget, warmup_exponential
 from tests.test_xe_module import TINY_CAPTIONER, retrieval_ckpt  # noqa: F401 - fixture
+from tests.ddp import spawn_workers
 
 GLOBAL_BATCH = 8
 EPOCHS = 2
@@ -80,12 +78,6 @@ def _worker(rank: int, port: int, ckpt: str, root: str, out: str) -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_per_device_batch_divides_the_global_batch():
     assert per_device_batch_size(64, 1) == 64
     assert per_device_batch_size(64, 4) == 16
@@ -115,13 +107,7 @@ def test_global_batch_config_gives_the_same_steps_and_rates_on_one_and_two_proce
     accumulated = run_xe(retrieval_ckpt, synth_root, tmp_path / "accumulated", accumulate=2)
     out = tmp_path / "ddp"
     out.mkdir()
-    context = mp.start_processes(_worker, args=(_free_port(), str(retrieval_ckpt), str(synth_root), str(out)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail("DDP workers did not finish within 300 s")
+    spawn_workers(_worker, (str(retrieval_ckpt), str(synth_root), str(out)), nprocs=2, timeout_s=300)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     items = training_items(synth_root, tmp_path)

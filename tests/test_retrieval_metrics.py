@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from aac_lightning.metrics.retrieval import (
     RetrievalRanks,
@@ -25,6 +22,7 @@ from aac_lightning.metrics.retrieval import (
     retrieval_ranks,
     top_k_candidates,
 )
+from tests.ddp import spawn_workers
 
 KEYS = ["R@1", "R@5", "R@10", "mAP@10"]
 
@@ -220,16 +218,7 @@ def _ddp_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.ddp
 def test_metric_gathers_queries_of_all_ddp_ranks(tmp_path: Path):
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 90.0
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail("DDP workers did not finish within 90 s")
+    spawn_workers(_ddp_worker, (str(tmp_path),), nprocs=2, timeout_s=90)
     expected = retrieval_metrics(*_ddp_data())
     for rank in range(2):
         assert torch.load(tmp_path / f"rank{rank}.pt") == expected

@@ -28,6 +28,14 @@ def resample(waveform: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return soxr.resample(waveform, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
 
 
+def check_audio_file(path: Path) -> None:
+    """`FileNotFoundError` for a missing file, `AudioError` for an empty one; both name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file not found: '{path}'")
+    if path.stat().st_size == 0:
+        raise AudioError(f"audio file '{path}' is empty (0 bytes)")
+
+
 def load_audio(
     path: str | os.PathLike,
     sample_rate: int | None = 32000,
@@ -49,10 +57,7 @@ def load_audio(
         AudioError: the file cannot be decoded, has no samples, or contains NaN/inf; the message names the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"audio file not found: '{path}'")
-    if path.stat().st_size == 0:
-        raise AudioError(f"audio file '{path}' is empty (0 bytes)")
+    check_audio_file(path)
     try:
         with sf.SoundFile(str(path)) as f:
             file_sr = f.samplerate
@@ -138,10 +143,7 @@ def load_audio_window(
     if path.suffix.lower() not in SEEKABLE_EXTENSIONS:
         audio, _ = load_audio(path, sample_rate, mono)
         return audio[:, start : None if num_samples is None else start + num_samples]
-    if not path.is_file():
-        raise FileNotFoundError(f"audio file not found: '{path}'")
-    if path.stat().st_size == 0:
-        raise AudioError(f"audio file '{path}' is empty (0 bytes)")
+    check_audio_file(path)
     try:
         with sf.SoundFile(str(path)) as f:
             file_sr, total = f.samplerate, f.frames
