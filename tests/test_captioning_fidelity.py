@@ -22,6 +22,7 @@ from aac_lightning.nn.captioning import (
     build_caption_model,
     lengths_to_mask,
 )
+from tests.test_captioning_nn import random_batch
 
 BOS = 1
 VOCAB = 23
@@ -52,16 +53,6 @@ def tiny_model(decoder: str, seed: int = 0, legacy: bool = False, **overrides) -
         kwargs.update(LEGACY_COMMON, **LEGACY_DECODER[decoder])
     kwargs.update(overrides)
     return build_caption_model(decoder, VOCAB, INPUT_DIM, **kwargs)
-
-
-def random_batch(batch_size: int = 4, frames: int = 9, length: int = 7, seed: int = 1):
-    generator = torch.Generator().manual_seed(seed)
-    features = torch.randn(batch_size, frames, INPUT_DIM, generator=generator)
-    lengths = torch.randint(1, frames + 1, (batch_size,), generator=generator)
-    lengths[0] = frames
-    tokens = torch.randint(3, VOCAB, (batch_size, length), generator=generator)
-    tokens[:, 0] = BOS
-    return features, lengths, tokens
 
 
 def random_memory(batch_size: int = 3, frames: int = 8, dim: int = 32, seed: int = 2):

@@ -14,6 +14,7 @@ from aac_lightning.nn.audio_encoders import (
     masked_max_mean_pool,
 )
 from aac_lightning.nn.bi_encoder import BiEncoder
+from tests.test_audio_encoders import _randomize_batchnorm_stats
 
 TINY_CNN = dict(
     sample_rate=16000, window_size=512, hop_size=160, mel_bins=32, fmin=50.0, fmax=8000.0,
@@ -26,17 +27,6 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 # Mixed lengths (none a multiple of 256, two equal) and the padded length: 1.3 s max.
 LENGTHS = [20800, 9001, 13333, 9001, 4000]
-
-
-def _randomize_batchnorm_stats(module: torch.nn.Module, seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    for bn in module.modules():
-        if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
-            n = bn.num_features
-            bn.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-            bn.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            bn.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
-            bn.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
 
 
 def _encoder(name: str) -> torch.nn.Module:
