@@ -59,13 +59,12 @@ def main(args: Sequence[str] | None = None, report_errors: bool | None = None) -
     show_traceback = show_traceback or not report_errors
     command, rest = stripped[0], stripped[1:]
     if command in TRAINER_SUBCOMMANDS:
-        from aac_lightning.commands.check import lightning_cli_with_check
-
-        from aac_lightning.commands.check import check_config_files
+        from aac_lightning.commands.check import lightning_cli_with_check, resolve_config_args
 
         check_only = "--check" in rest
-        cli_args = [a for a in stripped if a != "--check"]
-        run_reporting_errors(f"aac-lightning {command}", lambda: check_config_files(cli_args), show_traceback)
+        cli_args = run_reporting_errors(
+            f"aac-lightning {command}", lambda: resolve_config_args([a for a in stripped if a != "--check"]), show_traceback
+        )
         if from_command_line and cli_args != args:
             sys.argv = [sys.argv[0], *cli_args]  # LightningCLI (and Lightning's DDP launcher) read sys.argv
         passed = None if from_command_line else cli_args

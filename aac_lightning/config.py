@@ -93,10 +93,11 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def read_ensemble_config(path: str | os.PathLike) -> list[str]:
-    """The checkpoint list of an ensemble config (``checkpoints: [a.ckpt, b.ckpt, ...]``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ensemble config not found: '{path}'")
+    """The checkpoint list of an ensemble config (``checkpoints: [a.ckpt, b.ckpt, ...]``): a file, or a
+    shipped config's name (``captioning/ensembles/system2``)."""
+    from aac_lightning.utils.shipped import resolve_config
+
+    path = resolve_config(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:

@@ -15,5 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retrieval-eval": ("evaluate retrieval checkpoints or an ensemble; DCASE 6b submission CSV", "aac_lightning.commands.evaluate:retrieval_eval_command"),
     "caption": ("caption audio files or folders with a captioner or an ensemble", "aac_lightning.commands.inference:caption_command"),
     "search": ("rank the audio files of a folder for text queries (cached embeddings)", "aac_lightning.commands.inference:search_command"),
+    "recipes": ("list the shipped recipes and configs, usable by name (e.g. 'pipeline sjtu_captioning')", "aac_lightning.commands.recipes:recipes_command"),
+    "serve": ("browser demo (Gradio): caption uploaded audio, search a folder with text [web extra]", "aac_lightning.commands.serve:serve_command"),
+    "export": ("write a checkpoint as a shareable folder (safetensors, config, vocabulary, model card)", "aac_lightning.commands.export:export_command"),
     "pack": ("store datasets' audio once at the model's sample rate in HDF5 packs (resumable)", "aac_lightning.commands.pack:pack_command"),
 }

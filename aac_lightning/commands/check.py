@@ -31,18 +31,35 @@ def _check_config(check_only: bool):
     return check
 
 
-def check_config_files(args: Sequence[str]) -> None:
-    """Each `--config FILE` must be a readable file: FileNotFoundError / PermissionError naming it."""
+def resolve_config_args(args: Sequence[str]) -> list[str]:
+    """`args` with each `--config X` made a readable file: X itself, else the shipped config named X.
+
+    A shipped config is named by its path under `conf/` (`captioning/transformer2`, or
+    `conf/captioning/transformer2.yaml` from any folder; `aac-lightning recipes` lists them). A value
+    that is neither is a FileNotFoundError naming it; an unreadable file a PermissionError.
+    """
     import os
 
-    for i, arg in enumerate(args):
-        path = arg.partition("=")[2] if arg.startswith("--config=") else (args[i + 1] if arg == "--config" and i + 1 < len(args) else None)
-        if path is None or path.lstrip().startswith("{"):
+    from aac_lightning.utils.shipped import resolve_config
+
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            value, place = arg.partition("=")[2], "--config="
+        elif arg == "--config" and i + 1 < len(out):
+            value, place = out[i + 1], None
+        else:
+            continue
+        if value.lstrip().startswith("{"):
             continue  # an inline YAML/JSON config
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file '{path}' not found" + (" (it is a folder)" if os.path.isdir(path) else "") + ": pass a YAML file from conf/, e.g. --config conf/retrieval/cnn14_bert_base.yaml")
+        path = str(resolve_config(value))
         if not os.access(path, os.R_OK):
             raise PermissionError(f"config file '{path}' is not readable (check its permissions)")
+        if place:
+            out[i] = place + path
+        else:
+            out[i + 1] = path
+    return out
 
 
 def lightning_cli_with_check(args: Sequence[str] | None, check_only: bool = False):

@@ -14,6 +14,9 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 TRACEBACK_ENV = "AAC_LIGHTNING_TRACEBACK"
 TRACEBACK_FLAG = "--traceback"
@@ -110,10 +113,10 @@ def format_user_error(err: BaseException) -> str:
     return f"{text}\n  -> {hint}" if hint else text
 
 
-def run_reporting_errors(prog: str, function: Callable[[], object], show_traceback: bool) -> None:
-    """Run `function`; a user error becomes `prog: error: message` on stderr and exit status 2."""
+def run_reporting_errors(prog: str, function: Callable[[], T], show_traceback: bool) -> T:
+    """Run `function` and return its result; a user error becomes `prog: error: message` on stderr and exit status 2."""
     try:
-        function()
+        return function()
     except (SystemExit, KeyboardInterrupt):
         raise
     except Exception as err:

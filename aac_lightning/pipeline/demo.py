@@ -14,8 +14,7 @@ from typing import Any
 
 from aac_lightning.pipeline.runner import PipelineRunner
 
-REPO_DIR = Path(__file__).resolve().parents[2]
-DEMO_RECIPE = REPO_DIR / "stages" / "demo.yaml"
+DEMO_RECIPE = "demo"  # the shipped recipe stages/demo.yaml (see aac_lightning.utils.shipped)
 # `fast`: one short epoch per stage, a smoke run of every code path in about a minute.
 FAST_OVERRIDES = [
     "--trainer.max_epochs=1",

@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from aac_lightning.utils.shipped import resolve_recipe
+
 TRAINING_KINDS = ("contrastive", "xe", "scst")
 ENSEMBLE_KINDS = ("retrieval_ensemble", "caption_ensemble")
 HANDOFF_CHOICES = ("best", "last", "averaged")
@@ -199,36 +201,13 @@ def _check_ensemble_stage(where: str, stage: Stage, earlier: dict[str, Stage]) -
         raise RecipeError(f"{where}: an ensemble stage needs 'clotho_root' (the data to evaluate on)")
 
 
-def shipped_recipes() -> list[Path]:
-    """The recipes shipped with the package (`stages/*.yaml` next to the package, or inside the wheel)."""
-    here = Path(__file__).resolve().parents[1]
-    for folder in (here.parent / "stages", here / "stages"):
-        if folder.is_dir():
-            return sorted(folder.glob("*.yaml"))
-    return []
-
-
-def _recipe_not_found(path: Path) -> str:
-    """`recipe 'X' not found` with what to pass instead (a shipped recipe of that name, or the list)."""
-    if path.is_dir():
-        return f"recipe '{path}' is a folder, not a recipe file: pass a YAML file such as stages/sjtu_retrieval.yaml"
-    shipped = shipped_recipes()
-    same = [p for p in shipped if p.stem == path.stem or p.name == path.name]
-    if same:
-        return f"recipe '{path}' not found: did you mean '{same[0]}'?"
-    names = ", ".join(str(p) for p in shipped) or "(none found)"
-    return f"recipe '{path}' not found: pass the path of a recipe YAML file; shipped recipes: {names}"
-
-
 def load_recipe(path: str | Path, workdir: str | Path, variables: dict[str, str] | None = None) -> Recipe:
-    """Read and check a recipe. Errors name the file, the stage and the field.
+    """Read and check a recipe (a file, or the name of a shipped recipe). Errors name the file, the stage and the field.
 
     `${workdir}` becomes the absolute `workdir`, `${recipe_dir}` the recipe's folder, and `${NAME}` a
     value of the recipe's `variables:` mapping, which `variables` (e.g. from `--var NAME=VALUE`) overrides.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(_recipe_not_found(path))
+    path = resolve_recipe(path)
     raw = _read(path)
     declared = raw.get("variables") or {}
     if not isinstance(declared, dict):
