@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[dev,eval,demo]'
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[dev,eval,demo,web]'
 	touch $(STAMP)
 
 install: $(STAMP)

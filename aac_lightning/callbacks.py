@@ -218,7 +218,7 @@ class PredictionWriter(BasePredictionWriter):
         `.pt`: `{"files": [...], "audio_emb": (N, E) float32 tensor}`; `.npz`: arrays `files` and `audio_emb`.
 
     Rows come in the order of the predict dataloader's dataset (the datamodule's `predict_split`);
-    under DDP every rank's share is gathered and rank 0 writes the file.
+    under DDP every rank's share is gathered, rank 0 writes the file and the others wait until it is written.
 
     Args:
         output_path: the file to write; its suffix picks the format.
@@ -244,6 +244,8 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             rows.sort(key=lambda row: row[0])
             write_predictions(self.output_path, [(file, value) for _, file, value in rows])
+        # The other ranks go on (and may read the file) only once it is complete.
+        trainer.strategy.barrier("prediction-writer")
 
 
 def prediction_rows(predictions: Sequence[Any], batch_indices: Sequence[Any]) -> list[tuple[int, str, Any]]:

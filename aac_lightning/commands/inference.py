@@ -12,16 +12,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from aac_lightning.checkpoints import HandoffError
+from aac_lightning.checkpoints import HandoffError, is_pretrained_folder
 from aac_lightning.data.audio import AudioError
 from aac_lightning.inference import CACHE_DIR_NAME, ON_BAD_AUDIO, Captioner, Retriever, expand_audio_paths
 from aac_lightning.metrics.captioning import write_dcase_captioning_csv
 from aac_lightning.nn.decoding import DEFAULT_MAX_LENGTH
 
 
+def _is_model(item: str) -> bool:
+    """A checkpoint (`.ckpt`) or an exported model folder (a folder with a config.json)."""
+    return item.lower().endswith(".ckpt") or is_pretrained_folder(item)
+
+
 def _split_checkpoints(items: Sequence[str]) -> tuple[list[str], list[str]]:
-    checkpoints = [a for a in items if a.lower().endswith(".ckpt")]
-    rest = [a for a in items if not a.lower().endswith(".ckpt")]
+    checkpoints = [a for a in items if _is_model(a)]
+    rest = [a for a in items if not _is_model(a)]
     return checkpoints, rest
 
 
@@ -31,11 +36,12 @@ def caption_command(args: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="aac-lightning caption",
         description="Caption audio files with a captioning checkpoint (XE or SCST) or an ensemble. "
-        "Arguments ending in .ckpt are checkpoints (several = ensemble); the others are audio files or "
+        "Arguments ending in .ckpt and exported model folders (aac-lightning export) are models (several = "
+        "ensemble); the others are audio files or "
         "folders (searched recursively). Prints 'file<TAB>caption' lines, files as given or relative "
         "to the folder given.",
     )
-    parser.add_argument("inputs", nargs="+", metavar="CKPT_OR_AUDIO", help="checkpoints (.ckpt), then audio files / folders")
+    parser.add_argument("inputs", nargs="+", metavar="CKPT_OR_AUDIO", help="checkpoints (.ckpt) or exported folders, then audio files / folders")
     parser.add_argument("--out", help="also write the DCASE 2022 task 6a submission CSV (file_name,caption_predicted)")
     parser.add_argument("--beam-size", type=int, default=3, help="beam width (default 3)")
     parser.add_argument(
@@ -48,7 +54,7 @@ def caption_command(args: Sequence[str]) -> None:
     ns = parser.parse_intermixed_args(list(args))  # options may sit between positionals
     checkpoints, audio = _split_checkpoints(ns.inputs)
     if not checkpoints:
-        parser.error("give at least one captioning checkpoint (a file ending in .ckpt)")
+        parser.error("give at least one captioning checkpoint (a file ending in .ckpt, or an exported model folder)")
     if not audio:
         parser.error("give at least one audio file or folder")
     for name in ("beam_size", "max_length", "batch_size"):
@@ -80,11 +86,12 @@ def search_command(args: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="aac-lightning search",
         description="Rank the audio files of a folder for text queries with a retrieval checkpoint or an "
-        "ensemble (mean of the cosine similarity matrices). Arguments ending in .ckpt are checkpoints, "
+        "ensemble (mean of the cosine similarity matrices). Arguments ending in .ckpt and exported model "
+        "folders (aac-lightning export) are models, "
         "the others queries. Audio embeddings are cached (DIR/.aac_lightning_cache by default) and "
         "recomputed only for added or changed files.",
     )
-    parser.add_argument("inputs", nargs="+", metavar="CKPT_OR_QUERY", help="checkpoints (.ckpt), then text queries")
+    parser.add_argument("inputs", nargs="+", metavar="CKPT_OR_QUERY", help="checkpoints (.ckpt) or exported folders, then text queries")
     parser.add_argument("--audio-dir", required=True, help="folder of audio files (searched recursively)")
     parser.add_argument("-k", type=int, default=10, help="files listed per query (default 10)")
     parser.add_argument("--cache-dir", help=f"embedding cache folder (default: AUDIO_DIR/{CACHE_DIR_NAME})")
@@ -97,7 +104,7 @@ def search_command(args: Sequence[str]) -> None:
     ns = parser.parse_intermixed_args(list(args))  # options may sit between positionals
     checkpoints, queries = _split_checkpoints(ns.inputs)
     if not checkpoints:
-        parser.error("give at least one retrieval checkpoint (a file ending in .ckpt)")
+        parser.error("give at least one retrieval checkpoint (a file ending in .ckpt, or an exported model folder)")
     if not queries:
         parser.error("give at least one text query")
     if any(not q.strip() for q in queries):

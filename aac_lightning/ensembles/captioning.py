@@ -28,7 +28,7 @@ from torch import Tensor
 from aac_lightning.checkpoints import HandoffError, checkpoint_kind, read_checkpoint
 from aac_lightning.data.datamodules import pad_waveforms
 from aac_lightning.data.text import Vocabulary
-from aac_lightning.ensembles.waveforms import read_waveforms
+from aac_lightning.ensembles.waveforms import file_progress, read_waveforms
 from aac_lightning.modules.captioner import beam_search_captions
 from aac_lightning.nn.decoding import DEFAULT_MAX_LENGTH, FINISHED_RULES
 from aac_lightning.utils.devices import resolve_device
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CAPTIONER_KINDS",
     "CaptionEnsemble",
+    "caption_audio_folder",
     "evaluate_caption_ensemble",
     "load_captioner",
 ]
@@ -156,12 +157,16 @@ class CaptionEnsemble:
         """Captions of a batch of clips given as ``{rate: [(T_i,) ...]}`` (see :meth:`encode`)."""
         return self.decode(*self.encode(waveforms))
 
-    def caption_files(self, audio_paths: Sequence[str | os.PathLike], batch_size: int = 16) -> list[str]:
-        """Beam-search captions of audio files (any format and rate; decoded once per member rate)."""
+    def caption_files(self, audio_paths: Sequence[str | os.PathLike], batch_size: int = 16, progress: bool | None = None) -> list[str]:
+        """Beam-search captions of audio files (any format and rate; decoded once per member rate).
+
+        `progress`: a bar over the files on stderr (`None`: only when stderr is a terminal).
+        """
         captions: list[str] = []
-        for start in range(0, len(audio_paths), batch_size):
-            chunk = list(audio_paths[start : start + batch_size])
-            captions.extend(self.caption_waveforms(read_waveforms(chunk, self.sample_rates)))
+        with file_progress(len(audio_paths), "captioning", progress) as bar:
+            for start in range(0, len(audio_paths), batch_size):
+                chunk = list(audio_paths[start : start + batch_size])
+                captions.extend(self.caption_waveforms(read_waveforms(chunk, self.sample_rates, bar=bar)))
         return captions
 
 
@@ -177,19 +182,25 @@ def evaluate_caption_ensemble(
     finished: str = "collect",
     length_penalty: float = 1.0,
     batch_size: int = 16,
-    metrics: Sequence[str] | None = None,
+    metrics: str | Sequence[str] | None = None,
     csv_path: str | os.PathLike | None = None,
+    fense_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Caption a Clotho subset with one captioner or an ensemble and score the captions.
 
-    Returns ``{"checkpoints": [...], "subset": ..., "metrics": {name: float},
-    "captions": [(fname, caption, references), ...]}`` (clips in the dataset's order).
-    ``device=None``: CUDA if available, else the CPU. ``metrics``: names for
-    :func:`aac_lightning.metrics.captioning.caption_metrics` (default: its default set).
+    Returns ``{"checkpoints": [...], "subset": ..., "metrics": {name: float}, "unavailable":
+    {name: reason}, "captions": [(fname, caption, references), ...]}`` (clips in the dataset's order).
+    ``device=None``: CUDA if available, else the CPU. ``metrics``: set and/or metric names for
+    :func:`aac_lightning.metrics.captioning.evaluate_captions` (``"dcase2024"``, ...; default: its
+    default set); a metric that cannot run is in ``unavailable`` with the reason, never scored 0.
+    ``fense_dir``: folder holding the FENSE / SPIDEr-FL models (default: the caches).
     ``csv_path``: also write the DCASE task 6a submission CSV (``file_name,caption_predicted``) there.
     """
     from aac_lightning.data.datasets import Clotho
-    from aac_lightning.metrics.captioning import caption_metrics, write_dcase_captioning_csv
+    from aac_lightning.metrics.captioning import evaluate_captions, write_dcase_captioning_csv
+    from aac_lightning.metrics.sets import resolve_caption_metrics
+
+    resolve_caption_metrics(metrics)  # a misspelt metric fails before any decoding
 
     paths = [str(p) for p in checkpoints]
     if not paths:
@@ -205,12 +216,46 @@ def evaluate_caption_ensemble(
     )
     dataset = Clotho(clotho_root, subset, sample_rate=None)  # read at each member's own rate
     captions = ensemble.caption_files([r.path for r in dataset.records], batch_size=batch_size)
-    scores = caption_metrics(captions, dataset.captions, metrics=metrics)
+    scores, unavailable = evaluate_captions(captions, dataset.captions, metrics=metrics, fense_dir=fense_dir)
     if csv_path is not None:
         write_dcase_captioning_csv(csv_path, dataset.fnames, captions)
     return {
         "checkpoints": paths,
         "subset": subset,
         "metrics": {name: float(value) for name, value in scores.items()},
+        "unavailable": unavailable,
         "captions": [(fname, caption, refs) for fname, caption, refs in zip(dataset.fnames, captions, dataset.captions)],
     }
+
+
+def caption_audio_folder(
+    checkpoints: Sequence[str | os.PathLike],
+    audio_dir: str | os.PathLike,
+    csv_path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    *,
+    batch_size: int = 16,
+    **decoding: Any,
+) -> dict[str, Any]:
+    """Caption every audio file of a folder (the challenge's evaluation set: no captions) and write the
+    DCASE captioning submission (``file_name,caption_predicted``, file names relative to the folder),
+    then read it back and check it. ``decoding``: :class:`CaptionEnsemble`'s options.
+
+    Returns ``{"checkpoints", "audio_dir", "csv": path, "captions": [(fname, caption), ...]}``.
+    """
+    from aac_lightning.data.audio import list_audio_files
+    from aac_lightning.metrics.captioning import write_dcase_captioning_csv
+    from aac_lightning.metrics.dcase import check_captioning_submission
+
+    paths = [str(p) for p in checkpoints]
+    if not paths:
+        raise ValueError("checkpoints is empty: give at least one captioning (XE / SCST) checkpoint")
+    audio_paths = [Path(p) for p in list_audio_files(audio_dir)]
+    if not audio_paths:
+        raise FileNotFoundError(f"no audio files under '{audio_dir}'")
+    fnames = [p.relative_to(Path(audio_dir)).as_posix() for p in audio_paths]  # flat folder: the file names
+    ensemble = CaptionEnsemble.from_checkpoints(paths, device=device, **decoding)
+    captions = ensemble.caption_files(audio_paths, batch_size=batch_size)
+    written = write_dcase_captioning_csv(csv_path, fnames, captions)
+    check_captioning_submission(written, fnames)
+    return {"checkpoints": paths, "audio_dir": str(audio_dir), "csv": str(written), "captions": list(zip(fnames, captions))}

@@ -29,8 +29,16 @@ from torch import Tensor
 from aac_lightning.checkpoints import HandoffError, checkpoint_kind, read_checkpoint
 from aac_lightning.data.datamodules import pad_waveforms
 from aac_lightning.data.datasets import CaptionDataset, Clotho
-from aac_lightning.metrics.dcase import DCASE_NUM_RANKED, check_texts, write_dcase_retrieval_csv
-from aac_lightning.ensembles.waveforms import read_waveforms
+from aac_lightning.metrics.dcase import (
+    DCASE_NUM_RANKED,
+    RETRIEVAL_PROTOCOLS,
+    check_retrieval_submission,
+    check_texts,
+    write_dcase2025_retrieval_csv,
+    write_dcase_retrieval_csv,
+)
+from aac_lightning.metrics.relevance import dcase2025_metrics, read_relevance_file, relevance_targets
+from aac_lightning.ensembles.waveforms import file_progress, read_waveforms
 from aac_lightning.metrics.retrieval import (
     audio_to_text_metrics,
     average_similarities,
@@ -67,12 +75,15 @@ def _check_contrastive_checkpoint(path: Path) -> None:
     The file is memory-mapped so that only its small metadata is read (retrieval checkpoints with
     optimizer state weigh gigabytes); files that cannot be mapped are read the ordinary way.
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: '{path}'")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - read_checkpoint raises the explanatory error, or succeeds
+    if path.is_dir():  # an exported model folder
         ckpt = read_checkpoint(path)
+    elif not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: '{path}'")
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - read_checkpoint raises the explanatory error, or succeeds
+            ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise HandoffError(f"'{path}' is not a Lightning checkpoint (no 'state_dict' entry)")
     kind = checkpoint_kind(ckpt)
@@ -168,11 +179,12 @@ class RetrievalEnsemble:
             out[index] = self.models[index].encode_audio(*padded[rate]).float().cpu()  # (B, E_m)
         return out
 
-    def encode_audio_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 16) -> list[Tensor]:
+    def encode_audio_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 16, progress: bool | None = None) -> list[Tensor]:
         """Audio embeddings of every member: a list of ``(A, E_m)`` float32 CPU tensors, unit norm.
 
         Each file is decoded once per distinct sample rate among the members (mono, resampled);
-        ``batch_size`` files go through :meth:`encode_waveforms` at a time.
+        ``batch_size`` files go through :meth:`encode_waveforms` at a time. ``progress``: a bar over
+        the files on stderr (``None``: only when stderr is a terminal).
         """
         _check_batch_size(batch_size)
         if isinstance(paths, (str, os.PathLike)):
@@ -184,10 +196,11 @@ class RetrievalEnsemble:
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(paths)} audio files not found (first: {missing[:3]})")
         chunks: list[list[Tensor]] = [[] for _ in self.models]
-        for start in range(0, len(paths), batch_size):
-            waveforms = read_waveforms(paths[start : start + batch_size], self.sample_rates)
-            for index, emb in self.encode_waveforms(waveforms).items():
-                chunks[index].append(emb)
+        with file_progress(len(paths), "encoding audio", progress) as bar:
+            for start in range(0, len(paths), batch_size):
+                waveforms = read_waveforms(paths[start : start + batch_size], self.sample_rates, bar=bar)
+                for index, emb in self.encode_waveforms(waveforms).items():
+                    chunks[index].append(emb)
         return [torch.cat(parts) for parts in chunks]
 
     @torch.inference_mode()
@@ -317,6 +330,7 @@ def evaluate_retrieval_ensemble(
     batch_size: int = 16,
     text_batch_size: int = 64,
     csv_path: str | os.PathLike | None = None,
+    relevance: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate retrieval checkpoints (several = ensemble) on a Clotho subset.
 
@@ -326,18 +340,28 @@ def evaluate_retrieval_ensemble(
     "fnames": [clip file name, ...], "targets": (Q,) clip index of each query,
     "similarity": (Q, A) ensemble scores}``. ``device=None``: CUDA if available, else the CPU.
     ``csv_path``: also write the top-10 files per query there as a DCASE task 6b submission.
+    ``relevance``: a DCASE 2025 relevance file (``query,audio_filenames``); its metrics (``mAP@16``,
+    ``R@1/5/10`` over several relevant clips, :mod:`aac_lightning.metrics.relevance`) are added as
+    ``metrics["dcase2025"]``. Its queries and clips are checked against the subset before encoding.
     """
     paths = [str(p) for p in checkpoints]
     if not paths:
         raise ValueError("checkpoints is empty: give at least one retrieval checkpoint")
-    ensemble = RetrievalEnsemble.from_checkpoints(paths, device=device)
+    relevance_file = read_relevance_file(relevance) if relevance is not None else None
     dataset = Clotho(clotho_root, subset, sample_rate=None)  # each file read at the members' own rates
     if len(dataset) == 0:
         raise ValueError(f"Clotho subset '{subset}' under '{clotho_root}' has no clips")
     captions, targets = caption_targets(dataset.captions)
+    fnames = list(dataset.fnames)
+    where = f"Clotho {subset} under '{clotho_root}'"
+    if relevance_file is not None:
+        relevance_targets(relevance_file, captions, fnames, where)  # unknown ids: fail before any encoding
+    ensemble = RetrievalEnsemble.from_checkpoints(paths, device=device)
     audio_paths = [r.path for r in dataset.records]
     sim = ensemble.score(captions, audio_paths, batch_size, text_batch_size)  # (Q, A)
-    fnames = list(dataset.fnames)
+    metrics: dict[str, Any] = ensemble_metrics(sim, targets)
+    if relevance_file is not None:
+        metrics["dcase2025"] = dcase2025_metrics(sim, captions, fnames, relevance_file, where)
     if csv_path is not None:
         write_submission(csv_path, sim, captions, fnames)
     return {
@@ -346,7 +370,7 @@ def evaluate_retrieval_ensemble(
         "subset": subset,
         "num_audio": len(audio_paths),
         "num_queries": len(captions),
-        "metrics": ensemble_metrics(sim, targets),
+        "metrics": metrics,
         "captions": captions,
         "fnames": fnames,
         "targets": targets,
@@ -355,10 +379,21 @@ def evaluate_retrieval_ensemble(
 
 
 def write_submission(
-    path: str | os.PathLike, sim: Tensor, captions: Sequence[str], fnames: Sequence[str]
+    path: str | os.PathLike, sim: Tensor, captions: Sequence[str], fnames: Sequence[str], protocol: str = "dcase2022"
 ) -> Path:
-    """Write the DCASE task 6b submission of a ``(Q, A)`` similarity: the top-10 ``fnames`` per caption."""
-    if len(fnames) < DCASE_NUM_RANKED:
-        log.warning("only %d audio files: each query ranks all of them", len(fnames))
-    ranked, _ = rank_from_similarity(sim, fnames, DCASE_NUM_RANKED)
-    return write_dcase_retrieval_csv(path, captions, ranked)
+    """Write the DCASE retrieval submission of a ``(Q, A)`` similarity, then read it back and check it.
+
+    ``protocol``: ``dcase2022`` / ``dcase2024`` (the top-10 ``fnames`` per caption) or ``dcase2025``
+    (every score: ``index,<file>,...``); see :mod:`aac_lightning.metrics.dcase`.
+    """
+    if protocol not in RETRIEVAL_PROTOCOLS:
+        raise ValueError(f"protocol must be one of {list(RETRIEVAL_PROTOCOLS)}, got {protocol!r}")
+    if protocol == "dcase2025":
+        written = write_dcase2025_retrieval_csv(path, captions, fnames, sim)
+    else:
+        if len(fnames) < DCASE_NUM_RANKED:
+            log.warning("only %d audio files: each query ranks all of them", len(fnames))
+        ranked, _ = rank_from_similarity(sim, fnames, DCASE_NUM_RANKED)
+        written = write_dcase_retrieval_csv(path, captions, ranked)
+    check_retrieval_submission(written, captions, fnames, protocol)
+    return written

@@ -5,6 +5,7 @@ Python (notebooks)::
     from aac_lightning import Captioner, Retriever
 
     captioner = Captioner.from_checkpoint("runs/scst/best.ckpt")          # several paths: ensemble
+    captioner = Captioner.from_pretrained("exported/scst")                 # a folder of `aac-lightning export`
     captioner.caption("recordings/")                                       # [(file, caption), ...]
     captioner.caption_waveform(samples, sample_rate=44100)                 # an array, (T,) or (C, T)
 

@@ -35,10 +35,13 @@ def audio_side_key(path: Path, model: BiEncoder) -> str:
     and the weights of the audio encoder and audio projection: checkpoints with other weights never
     share a cache; re-saving the same weights (e.g. other optimizer state) keeps it.
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - files that cannot be memory-mapped are read whole
+    if path.is_dir():  # an exported model folder (same hyper-parameters and weights: same key)
         ckpt = read_checkpoint(path)
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - files that cannot be memory-mapped are read whole
+            ckpt = read_checkpoint(path)
     hparams = dict(ckpt.get("hyper_parameters") or {})
     state = {k: v for k, v in model.state_dict().items() if k.startswith(("audio_encoder.", "audio_projection."))}
     payload = {

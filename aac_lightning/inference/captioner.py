@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from aac_lightning.checkpoints import check_pretrained_folders
 from aac_lightning.ensembles.captioning import CaptionEnsemble
 from aac_lightning.inference.audio import (
     AudioInput,
@@ -31,7 +32,7 @@ class Captioner:
     ``caption-eval`` captions them (:meth:`CaptionEnsemble.caption_waveforms`): a padded batch goes
     through each member's frozen extractor, which encodes every clip as if it were alone, then one
     beam search; a file's caption never depends on the other files of its batch. Build with
-    :meth:`from_checkpoint`.
+    :meth:`from_checkpoint` (a ``.ckpt``) or :meth:`from_pretrained` (an exported folder).
     """
 
     def __init__(self, ensemble: CaptionEnsemble) -> None:
@@ -46,7 +47,10 @@ class Captioner:
         beam_size: int = 3,
         max_length: int = DEFAULT_MAX_LENGTH,
     ) -> "Captioner":
-        """Load one captioning checkpoint, or several as an ensemble (they must share the vocabulary)."""
+        """Load one captioning checkpoint, or several as an ensemble (they must share the vocabulary).
+
+        A checkpoint may also be an exported model folder (``aac-lightning export``).
+        """
         paths = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
         if not paths:
             raise ValueError("checkpoints is empty: give at least one captioning (XE / SCST) checkpoint")
@@ -56,6 +60,23 @@ class Captioner:
             [str(p) for p in paths], device=device, beam_size=beam_size, max_length=max_length
         )
         return cls(ensemble)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folders: str | os.PathLike | Sequence[str | os.PathLike],
+        device: str | torch.device | None = None,
+        beam_size: int = 3,
+        max_length: int = DEFAULT_MAX_LENGTH,
+    ) -> "Captioner":
+        """Load an exported captioner folder (``aac-lightning export``), or several as an ensemble.
+
+        Same as :meth:`from_checkpoint` (which takes folders too), but refuses anything that is not a
+        folder. Nothing is unpickled: the folder is read with json and safetensors.
+        """
+        paths = [folders] if isinstance(folders, (str, os.PathLike)) else list(folders)
+        check_pretrained_folders(paths)
+        return cls.from_checkpoint(paths, device=device, beam_size=beam_size, max_length=max_length)
 
     @property
     def device(self) -> torch.device:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from aac_lightning.checkpoints import check_pretrained_folders
 from aac_lightning.data.audio import load_audio
 from aac_lightning.ensembles.retrieval import RetrievalEnsemble
 from aac_lightning.inference.audio import (
@@ -37,7 +38,7 @@ class Retriever:
     once, exactly as ``retrieval-eval`` does (:meth:`RetrievalEnsemble.encode_waveforms`: padded
     batches, each clip encoded as if it were alone), and caches the embeddings on disk;
     :meth:`search` and :meth:`similarity` then only encode the queries. Build with
-    :meth:`from_checkpoint`.
+    :meth:`from_checkpoint` (a ``.ckpt``) or :meth:`from_pretrained` (an exported folder).
     """
 
     def __init__(
@@ -71,7 +72,7 @@ class Retriever:
         use_cache: bool = True,
         batch_size: int = 16,
     ) -> "Retriever":
-        """Load one retrieval checkpoint, or several as an ensemble.
+        """Load one retrieval checkpoint, or several as an ensemble (exported model folders too).
 
         ``cache_dir``: where :meth:`index` keeps audio embeddings (default: a
         ``.aac_lightning_cache`` folder inside the indexed folder); ``use_cache=False`` neither
@@ -81,6 +82,25 @@ class Retriever:
         ensemble = RetrievalEnsemble.from_checkpoints(paths, device=device)
         keys = [audio_side_key(Path(p), model) for p, model in zip(paths, ensemble.models)]
         return cls(ensemble, keys, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folders: str | os.PathLike | Sequence[str | os.PathLike],
+        device: str | torch.device | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        use_cache: bool = True,
+        batch_size: int = 16,
+    ) -> "Retriever":
+        """Load an exported retrieval folder (``aac-lightning export``), or several as an ensemble.
+
+        Same as :meth:`from_checkpoint` (which takes folders too), but refuses anything that is not a
+        folder. Nothing is unpickled: the folder is read with json, safetensors and tokenizer files.
+        A folder and the checkpoint it was exported from share the embedding cache.
+        """
+        paths = [folders] if isinstance(folders, (str, os.PathLike)) else list(folders)
+        check_pretrained_folders(paths)
+        return cls.from_checkpoint(paths, device=device, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size)
 
     @property
     def files(self) -> list[str]:

@@ -1,20 +1,23 @@
 """Captioning metrics through aac-metrics, offline, and the DCASE task 6a submission file.
 
 :func:`caption_metrics` returns the scores under aac-metrics' names (``bleu_1`` ... ``bleu_4``,
-``meteor``, ``rouge_l``, ``cider_d``, ``spice``, ``spider``, ``spider_fl``, ``fense``) after PTB
-tokenisation of candidates and references (what aac-metrics' ``preprocess=True`` does: the
-Stanford PTB tokenizer, lower case, punctuation removed).
+``meteor``, ``rouge_l``, ``cider_d``, ``spice``, ``spider``, ``spider_fl``, ``fense``, and ``vocab``
+for aac-metrics' ``vocab.cands``) after PTB tokenisation of candidates and references (what
+aac-metrics' ``preprocess=True`` does: the Stanford PTB tokenizer, lower case, punctuation removed).
+Which metrics: a set name (``dcase2022``, ``dcase2023``, ``dcase2024``, ``all``, ``default``) or
+metric names, see :mod:`aac_lightning.metrics.sets`.
 
 A metric that cannot run here is left out of the result, never reported as 0: its name and the
-reason are logged as a warning and listed by :func:`unavailable_metrics`. What each needs:
+reason are logged as a warning, listed by :func:`unavailable_metrics` and returned by
+:func:`evaluate_captions`. What each needs:
 
-- ``bleu_*``, ``rouge_l``, ``cider_d``: nothing beyond aac-metrics (pure Python);
+- ``bleu_*``, ``rouge_l``, ``cider_d``, ``vocab``: nothing beyond aac-metrics (pure Python);
 - PTB tokenisation, ``meteor``: a Java 8-13 runtime and the jars that
   :func:`~aac_lightning.metrics.java.prepare_java_resources` links from the pycocoevalcap wheel;
 - ``spice`` (and so ``spider``, ``spider_fl``): additionally Stanford CoreNLP 3.6.0 in SPICE's
   ``lib`` folder, which no pip package ships (``aac-metrics-download`` fetches it);
-- ``spider_fl``, ``fense``: the FENSE fluency-error checker checkpoint (and, for ``fense``, the
-  Sentence-BERT model ``paraphrase-TinyBERT-L6-v2`` in the Hugging Face cache).
+- ``spider_fl``, ``fense``: the FENSE fluency-error checker and (``fense``) the Sentence-BERT model,
+  from a folder the user names or the caches (:mod:`aac_lightning.metrics.fense`).
 """
 
 from __future__ import annotations
@@ -25,71 +28,53 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
+from aac_lightning.metrics.fense import find_fense_models, load_fense_models
 from aac_lightning.metrics.java import find_java, java_resource_problems, prepare_java_resources
+from aac_lightning.metrics.sets import ALL_CAPTION_METRICS, CAPTION_METRIC_SETS, resolve_caption_metrics
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CaptionEvaluation",
     "DEFAULT_CAPTION_METRICS",
     "caption_metrics",
+    "evaluate_captions",
     "ptb_tokenize",
     "read_dcase_captioning_csv",
     "unavailable_metrics",
     "write_dcase_captioning_csv",
 ]
 
-DEFAULT_CAPTION_METRICS: tuple[str, ...] = (
-    "bleu_1",
-    "bleu_2",
-    "bleu_3",
-    "bleu_4",
-    "meteor",
-    "rouge_l",
-    "cider_d",
-    "spice",
-    "spider",
-    "spider_fl",
-    "fense",
-)
-_PURE_PYTHON = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d")
-SBERT_MODEL = "sentence-transformers/paraphrase-TinyBERT-L6-v2"
-ECHECKER = "echecker_clotho_audiocaps_base"
+DEFAULT_CAPTION_METRICS: tuple[str, ...] = CAPTION_METRIC_SETS["default"]
+_PURE_PYTHON = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d", "vocab")
 # the punctuation tokens aac-metrics drops after PTB tokenisation (aac_metrics.utils.tokenization)
 _PTB_PUNCTUATION = {
     "''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"
 }
 
 
-def _fense_model_problems() -> dict[str, str]:
-    """Reasons the FENSE models are missing: keys ``echecker`` and ``sbert``."""
-    problems = {}
-    import torch
+class CaptionEvaluation(NamedTuple):
+    """Scores of the metrics that ran, and the reason for each requested metric that did not."""
 
-    data_home = Path(os.getenv("FENSE_DATA", os.path.join(torch.hub.get_dir(), "fense_data"))).expanduser()
-    checkpoint = data_home / f"{ECHECKER}.ckpt"
-    if not checkpoint.is_file():
-        problems["echecker"] = f"missing the fluency-error checker {checkpoint} (aac-metrics downloads it from GitHub)"
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(SBERT_MODEL, "config.json")
-        if not isinstance(cached, str):
-            problems["sbert"] = f"the Sentence-BERT model {SBERT_MODEL} is not in the Hugging Face cache"
-    except ImportError:
-        problems["sbert"] = "huggingface_hub is not installed"
-    return problems
+    scores: dict[str, float]
+    unavailable: dict[str, str]
 
 
-def unavailable_metrics(cache_dir: str | os.PathLike | None = None, java_path: str | None = None) -> dict[str, str]:
-    """Metrics of :data:`DEFAULT_CAPTION_METRICS` that cannot run here, with the reason.
+def unavailable_metrics(
+    cache_dir: str | os.PathLike | None = None,
+    java_path: str | None = None,
+    fense_dir: str | os.PathLike | None = None,
+) -> dict[str, str]:
+    """Metrics of :data:`~aac_lightning.metrics.sets.ALL_CAPTION_METRICS` that cannot run here, with the reason.
 
     ``ptb_tokenizer`` is listed too when the PTB tokenizer cannot run (then
-    :func:`caption_metrics` falls back to a Python tokenisation and says so).
+    :func:`caption_metrics` falls back to a Python tokenisation and says so). ``fense_dir``: the
+    folder holding the FENSE models (see :mod:`aac_lightning.metrics.fense`); default: the caches.
     """
     if importlib.util.find_spec("aac_metrics") is None:  # (importing it takes seconds)
-        return {name: "aac-metrics is not installed" for name in DEFAULT_CAPTION_METRICS + ("ptb_tokenizer",)}
+        return {name: "aac-metrics is not installed" for name in ALL_CAPTION_METRICS + ("ptb_tokenizer",)}
     cache = prepare_java_resources(cache_dir)
     java, java_reason = find_java(java_path)
     files = java_resource_problems(cache)
@@ -99,7 +84,7 @@ def unavailable_metrics(cache_dir: str | os.PathLike | None = None, java_path: s
             reasons[name] = java_reason
         elif component in files:
             reasons[name] = files[component]
-    fense_problems = _fense_model_problems()
+    fense_problems = find_fense_models(fense_dir).problems
     if "spice" in reasons:
         reasons["spider"] = reasons["spice"]  # SPIDEr is the mean of CIDEr-D and SPICE
         reasons["spider_fl"] = reasons["spice"]
@@ -176,39 +161,66 @@ def _groups(runnable: list[str]) -> list[tuple[str, set[str]]]:
     return groups
 
 
-def caption_metrics(
+_AAC_KEYS = {"vocab": "vocab.cands"}  # our name -> the key aac-metrics returns it under
+
+
+class _Scorer:
+    """Runs one aac-metrics call per group; loads the FENSE models once, when first needed."""
+
+    def __init__(self, cache: Path, java: str | None, device: str, fense_dir, need_sbert: bool):
+        self.cache, self.java, self.device = cache, java, device
+        self.fense_dir, self.need_sbert = fense_dir, need_sbert
+        self._fense_kwargs: dict | None = None
+
+    def __call__(self, group: str, candidates: list[str], references: list[list[str]]) -> dict:
+        import aac_metrics
+
+        if group not in ("fense", "spider_fl"):
+            corpus, _ = aac_metrics.evaluate(
+                candidates, references, preprocess=False, metrics=[group], cache_path=str(self.cache),
+                java_path=self.java, device=self.device,
+            )
+            return corpus
+        from aac_metrics.functional import fense, spider_fl
+
+        if self._fense_kwargs is None:
+            models = find_fense_models(self.fense_dir)
+            self._fense_kwargs = load_fense_models(models, need_sbert=self.need_sbert, device=self.device)
+        kwargs = dict(self._fense_kwargs)
+        if group == "fense":
+            corpus, _ = fense(candidates, references, return_all_scores=True, device=self.device, **kwargs)
+        else:
+            kwargs.pop("sbert_model", None)
+            corpus, _ = spider_fl(
+                candidates, references, return_all_scores=True, cache_path=str(self.cache), java_path=self.java,
+                device=self.device, **kwargs,
+            )
+        return corpus
+
+
+def evaluate_captions(
     candidates: list[str],
     references: list[list[str]],
     *,
-    metrics: Sequence[str] | None = None,
+    metrics: str | Sequence[str] | None = None,
     cache_dir: str | os.PathLike | None = None,
     java_path: str | None = None,
+    fense_dir: str | os.PathLike | None = None,
     preprocess: bool = True,
     device: str = "cpu",
-) -> dict[str, float]:
-    """Corpus scores of the candidates under aac-metrics' names; unavailable metrics left out.
+) -> CaptionEvaluation:
+    """Corpus scores of the candidates, and why each requested metric that could not run did not.
 
-    Args:
-        candidates: one predicted caption per audio clip.
-        references: the reference captions of each clip.
-        metrics: names to compute (default :data:`DEFAULT_CAPTION_METRICS`).
-        cache_dir: folder holding ``aac-metrics/...`` jars (see :mod:`aac_lightning.metrics.java`);
-            filled from the jars on this machine if needed.
-        java_path: Java 8-13 executable (default: found automatically).
-        preprocess: PTB-tokenise first (the official evaluation). If the tokenizer cannot run,
-            a Python tokenisation is used instead and a warning says so.
-        device: where FENSE / SPIDEr-FL run their models.
+    Args: as :func:`caption_metrics`.
     """
     _check_inputs(candidates, references)
-    requested = list(DEFAULT_CAPTION_METRICS if metrics is None else metrics)
-    unknown = [m for m in requested if m not in DEFAULT_CAPTION_METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; known: {list(DEFAULT_CAPTION_METRICS)}")
-    import aac_metrics  # slow import (it loads every metric's dependencies): only when used
+    requested = list(resolve_caption_metrics(metrics))
 
     cache = prepare_java_resources(cache_dir)
     java, _ = find_java(java_path)
-    reasons = unavailable_metrics(cache, java_path)
+    reasons = unavailable_metrics(cache, java_path, fense_dir)
+    if reasons.get("bleu_1") == "aac-metrics is not installed":
+        return CaptionEvaluation({}, {m: reasons[m] for m in requested})
 
     if preprocess:
         sentences = list(candidates) + [r for refs in references for r in refs]
@@ -227,14 +239,12 @@ def caption_metrics(
 
     skipped = {m: reasons[m] for m in requested if m in reasons and m not in _PURE_PYTHON}
     runnable = [m for m in requested if m not in skipped]
+    score = _Scorer(cache, java, device, fense_dir, need_sbert="fense" in runnable)
     results: dict[str, float] = {}
     for group, provides in _groups(runnable):
         try:
-            corpus, _ = aac_metrics.evaluate(
-                candidates, references, preprocess=False, metrics=[group], cache_path=str(cache),
-                java_path=java, device=device,
-            )
-            results.update({name: float(corpus[name]) for name in provides})
+            corpus = score(group, list(candidates), [list(r) for r in references])
+            results.update({name: float(corpus[_AAC_KEYS.get(name, name)]) for name in provides})
         except Exception as err:  # a metric failing at run time must not lose the others
             for name in provides:
                 skipped[name] = f"{group} failed: {type(err).__name__}: {err}"
@@ -244,7 +254,41 @@ def caption_metrics(
             by_reason.setdefault(reason, []).append(name)
         log.warning("caption metrics not computed: %s",
                     "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items()))
-    return {name: results[name] for name in requested if name in results}
+    scores = {name: results[name] for name in requested if name in results}
+    return CaptionEvaluation(scores, {name: skipped[name] for name in requested if name in skipped})
+
+
+def caption_metrics(
+    candidates: list[str],
+    references: list[list[str]],
+    *,
+    metrics: str | Sequence[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    java_path: str | None = None,
+    fense_dir: str | os.PathLike | None = None,
+    preprocess: bool = True,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Corpus scores of the candidates under aac-metrics' names; unavailable metrics left out.
+
+    Args:
+        candidates: one predicted caption per audio clip.
+        references: the reference captions of each clip.
+        metrics: set names and/or metric names (``"dcase2024"``, ``["dcase2022", "vocab"]``,
+            ``"bleu_4,SPIDEr-FL"``; see :mod:`aac_lightning.metrics.sets`); default the ``default`` set.
+        cache_dir: folder holding ``aac-metrics/...`` jars (see :mod:`aac_lightning.metrics.java`);
+            filled from the jars on this machine if needed.
+        java_path: Java 8-13 executable (default: found automatically).
+        fense_dir: folder holding the FENSE / SPIDEr-FL models (see :mod:`aac_lightning.metrics.fense`);
+            default: the Hugging Face cache and ``$FENSE_DATA``.
+        preprocess: PTB-tokenise first (the official evaluation). If the tokenizer cannot run,
+            a Python tokenisation is used instead and a warning says so.
+        device: where FENSE / SPIDEr-FL run their models.
+    """
+    return evaluate_captions(
+        candidates, references, metrics=metrics, cache_dir=cache_dir, java_path=java_path, fense_dir=fense_dir,
+        preprocess=preprocess, device=device,
+    ).scores
 
 
 def write_dcase_captioning_csv(path: str | os.PathLike, fnames: Sequence[str], captions: Sequence[str]) -> Path:

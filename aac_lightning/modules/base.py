@@ -18,8 +18,11 @@ from torch.utils.data import DataLoader, RandomSampler
 from aac_lightning import __version__
 from aac_lightning.checkpoints import (
     METADATA_KEY,
+    PRETRAINED_KEY,
     UPGRADED_KEY,
+    HandoffError,
     check_kind,
+    load_state_dict_strict,
     read_checkpoint,
 )
 
@@ -201,15 +204,41 @@ class AACModule(pl.LightningModule):
 
     @classmethod
     def load_for_inference(cls, path: str | Path, map_location: str | torch.device = "cpu", **overrides: Any):
-        """Rebuild a module from its checkpoint alone (no handoff files, no downloads), in eval mode."""
+        """Rebuild a module from its checkpoint alone (no handoff files, no downloads), in eval mode.
+
+        `path` may also be an exported model folder (`aac-lightning export`): the module is built from
+        its `config.json` and given the weights of its `model.safetensors` strictly (nothing unpickled).
+        """
         ckpt = read_checkpoint(path)
         hparams = dict(ckpt.get("hyper_parameters", {}))
+        if PRETRAINED_KEY in ckpt:
+            return cls._load_pretrained_folder(path, ckpt, map_location, overrides)
         # Values an older checkpoint lacks, so its model is rebuilt as it was trained.
         kwargs = {name: hparams[name] for name in ckpt.get(UPGRADED_KEY, ())}
         kwargs.update(cls.offline_build_overrides(hparams))
         kwargs.update(overrides)
         module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **kwargs)
         return module.eval()
+
+    @classmethod
+    def _load_pretrained_folder(cls, path: str | Path, ckpt: dict[str, Any], map_location: str | torch.device, overrides: dict[str, Any]):
+        """The module of an exported folder read by `read_checkpoint`: built from its init arguments, weights loaded strictly."""
+        meta = ckpt[METADATA_KEY]
+        if meta["kind"] != cls.kind:
+            raise HandoffError(
+                f"'{Path(path) / 'config.json'}' records a model of stage kind {meta['kind']!r} ({meta['class_path']}), "
+                f"but {cls.__name__} loads kind {cls.kind!r}"
+            )
+        init_args = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+        init_args.update(cls.offline_build_overrides(init_args))
+        init_args.update(overrides)
+        try:
+            module = cls(**init_args)
+        except TypeError as err:  # an init argument the class does not take (a hand-edited or foreign config)
+            raise HandoffError(f"the init arguments of '{Path(path) / 'config.json'}' do not fit {cls.__name__}: {err}") from err
+        load_state_dict_strict(module, ckpt["state_dict"], f"'{meta['weights_file']}'")
+        module.on_load_checkpoint(ckpt)
+        return module.to(map_location).eval()
 
     @classmethod
     def offline_build_overrides(cls, init_args: dict[str, Any]) -> dict[str, Any]:

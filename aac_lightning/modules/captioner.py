@@ -117,7 +117,9 @@ class CaptionerModule(AACModule):
     training (`training_step`, `configure_optimizers`); see `CaptioningXE` for the shared arguments.
 
     Evaluation: validation logs `val/cider_d` of the beam-searched captions; test logs the caption
-    metrics as `test/*` and keeps the decoded clips in `test_captions`, a list of `TestCaption(file,
+    metrics of `test_metrics` (sets such as `dcase2024` and/or names, see `aac_lightning.metrics.sets`)
+    as `test/*`, keeps those that could not run, with the reason, in `test_unavailable_metrics` (never
+    logged as 0), and keeps the decoded clips in `test_captions`, a list of `TestCaption(file,
     caption, references)` sorted by file name under DDP (every rank holds the whole list).
     Prediction (`predict_step`): a list of `CaptionPrediction(file, caption)` per batch.
 
@@ -153,8 +155,13 @@ class CaptionerModule(AACModule):
         length_penalty: float,
         init_from: str | None,
         nonfinite_loss: str,
+        test_metrics: str | list[str] = "default",
+        fense_dir: str | None = None,
     ):
         super().__init__(nonfinite_loss=nonfinite_loss)
+        from aac_lightning.metrics.sets import resolve_caption_metrics
+
+        resolve_caption_metrics(test_metrics)  # a misspelt metric fails now, not after a whole training
         if beam_finished not in FINISHED_RULES:
             raise ValueError(f"beam_finished must be one of {list(FINISHED_RULES)}, got {beam_finished!r}")
         extractor_state, extractor_source = None, extractor_ckpt
@@ -203,6 +210,7 @@ class CaptionerModule(AACModule):
         self.feature_cache: FeatureCache | None = None
         self._eval_outputs: list[TestCaption] = []
         self.test_captions: list[TestCaption] = []
+        self.test_unavailable_metrics: dict[str, str] = {}
         if init_ckpt is not None:
             if self.model is None:
                 raise HandoffError(f"'{init_from}' records no vocabulary; pass `vocabulary`")
@@ -250,8 +258,10 @@ class CaptionerModule(AACModule):
             self._prepare_feature_cache(datamodule, stage)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resuming (`ckpt_path`): the checkpoint's vocabulary replaces one taken from the datamodule."""
+        """Resuming (`ckpt_path`): the checkpoint's vocabulary replaces one taken from the datamodule,
+        and the feature cache follows the checkpoint's extractor."""
         super().on_load_checkpoint(checkpoint)
+        self._follow_checkpoint_extractor(checkpoint)
         words = (checkpoint.get("hyper_parameters") or {}).get("vocabulary")
         if words is None or self.vocab is None:
             return
@@ -278,6 +288,28 @@ class CaptionerModule(AACModule):
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "vocabulary"):
             self._share_vocabulary(datamodule, "fit" if trainer.state.fn == "fit" else "evaluation")
+
+    def _follow_checkpoint_extractor(self, checkpoint: dict[str, Any]) -> None:
+        """Use the features of the checkpoint's extractor when a restore brings other extractor weights.
+
+        `fit --ckpt_path` through LightningCLI builds the module from the checkpoint's hyperparameters,
+        where the handoff `extractor_ckpt` / `init_from` are cleared: its extractor starts from random
+        weights, and `setup` (which Lightning runs before restoring) filled the cache with their
+        features. The restore then brings the real extractor weights; without this the resumed run
+        would train on the random extractor's features. Load the checkpoint's extractor now and switch
+        to the cache of those weights (built if missing: rank 0 extracts, the others wait).
+        """
+        if self.feature_cache is None or self.extractor is None or self._trainer is None:
+            return
+        prefix = "extractor."
+        state = {k[len(prefix):]: v for k, v in (checkpoint.get("state_dict") or {}).items() if k.startswith(prefix)}
+        current = self.extractor.state_dict()
+        if not state or (state.keys() == current.keys() and all(torch.equal(v.cpu(), current[k].cpu()) for k, v in state.items())):
+            return
+        load_state_dict_strict(self.extractor, state, "the checkpoint's extractor (extractor.*)")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            self._prepare_feature_cache(datamodule, str(getattr(self.trainer.state.fn, "value", self.trainer.state.fn)))
 
     def _share_vocabulary(self, datamodule, stage: str) -> None:
         """Make the datamodule encode captions with the model's vocabulary (or check its explicit one)."""
@@ -401,14 +433,17 @@ class CaptionerModule(AACModule):
         self.log("val/cider_d", score, prog_bar=True, sync_dist=False, rank_zero_only=False)
 
     def on_test_epoch_end(self) -> None:
-        from aac_lightning.metrics.captioning import caption_metrics
+        from aac_lightning.metrics.captioning import evaluate_captions
 
         outputs = self._gather_outputs()
         if not outputs:
             return
         candidates = [o.caption for o in outputs]
         references = [list(o.references) for o in outputs]
-        metrics = caption_metrics(candidates, references)
+        metrics, self.test_unavailable_metrics = evaluate_captions(
+            candidates, references, metrics=self.hparams.get("test_metrics", "default"),
+            fense_dir=self.hparams.get("fense_dir"), device=str(self.device),
+        )
         self.log_dict({f"test/{k}": float(v) for k, v in metrics.items()}, sync_dist=False, rank_zero_only=False)
         for fname, caption, refs in outputs[:5]:
             log.info("%s -> %r (reference: %r)", fname, caption, refs[0])

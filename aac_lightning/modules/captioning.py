@@ -112,6 +112,12 @@ class CaptioningXE(CaptionerModule):
             without `extractor_ckpt` its frozen extractor and, without `vocabulary`, its vocabulary are kept.
         nonfinite_loss: `error` (raise on a NaN/inf training loss) or `skip` (skip the step, counted
             and logged); see `AACModule`.
+        test_metrics: caption metrics of the test step: set names (`dcase2022`, `dcase2023`,
+            `dcase2024`, `all`, `default`) and/or metric names (`fense`, `vocab`, ...), see
+            `aac_lightning.metrics.sets`; `default` (the 2022 metrics plus SPIDEr-FL and FENSE where
+            their resources exist) is what the package always reported.
+        fense_dir: folder holding the FENSE / SPIDEr-FL models (`None`: the Hugging Face cache and
+            `$FENSE_DATA`); see `aac_lightning.metrics.fense`.
 
     The vocabulary rules (which of the model's and the datamodule's wins) are `CaptionerModule`'s.
     """
@@ -143,6 +149,8 @@ class CaptioningXE(CaptionerModule):
         length_penalty: float = 1.0,
         init_from: str | None = None,
         nonfinite_loss: str = "error",
+        test_metrics: str | list[str] = "default",
+        fense_dir: str | None = None,
     ):
         for name, value in (("teacher_forcing_start", teacher_forcing_start), ("teacher_forcing_end", teacher_forcing_end)):
             if not 0.0 <= value <= 1.0:
@@ -166,6 +174,8 @@ class CaptioningXE(CaptionerModule):
             length_penalty=length_penalty,
             init_from=init_from,
             nonfinite_loss=nonfinite_loss,
+            test_metrics=test_metrics,
+            fense_dir=fense_dir,
         )
 
     def teacher_forcing_ratio(self) -> float:

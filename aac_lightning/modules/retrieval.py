@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 
+from aac_lightning.metrics.relevance import RelevanceFile, dcase2025_metrics, read_relevance_file
 from aac_lightning.metrics.retrieval import audio_to_text_metrics, retrieval_metrics
 from aac_lightning.modules.base import AACModule
 from aac_lightning.checkpoints import extract_submodule_state, load_state_dict_strict
@@ -52,6 +53,10 @@ class ContrastiveRetrieval(AACModule):
             strict). Resuming the same run uses the trainer's `ckpt_path` instead.
         nonfinite_loss: `error` (raise on a NaN/inf training loss) or `skip` (skip the step, counted
             and logged); see `AACModule`.
+        test_relevance: a DCASE 2025 relevance file (CSV `query,audio_filenames`, several relevant clips
+            per caption): the test step then also logs `test/dcase2025/mAP@16` and `test/dcase2025/R@k`
+            against it, next to the 2022 metrics (`None`: the 2022 metrics only). Its queries and clips
+            must be among the test split's captions and files (else an error names them).
 
     The logged `train/loss` is the mean over DDP ranks, i.e. eq. 6 on the global batch.
     """
@@ -79,6 +84,7 @@ class ContrastiveRetrieval(AACModule):
         loss_direction_reduction: str = "mean",
         init_from: str | None = None,
         nonfinite_loss: str = "error",
+        test_relevance: str | None = None,
     ):
         super().__init__(nonfinite_loss=nonfinite_loss)
         self.save_hyperparameters()
@@ -87,6 +93,8 @@ class ContrastiveRetrieval(AACModule):
         self.model = BiEncoder(audio, text, embed_dim=embed_dim, init_temperature=init_temperature)
         self.loss_fn = ContrastiveLoss(gather=gather_negatives, direction_reduction=loss_direction_reduction)
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
+        self._eval_texts: list[tuple[list[str], list[list[str]]]] = []  # (fnames, captions) per test batch
+        self._relevance: RelevanceFile | None = None
         if init_from is not None:
             ckpt = self.load_handoff(init_from, expected_kinds=("contrastive",))
             load_state_dict_strict(self.model, extract_submodule_state(ckpt["state_dict"], "model."), f"'{init_from}'")
@@ -148,6 +156,8 @@ class ContrastiveRetrieval(AACModule):
             [cid for cid, refs in zip(batch["clip_ids"].tolist(), batch["references"]) for _ in refs], device=self.device
         )
         text_emb = self.model.encode_text(captions)  # (sum of captions, E)
+        if self._relevance is not None and self.trainer.testing:  # the DCASE 2025 metrics match by text
+            self._eval_texts.append((list(batch["fnames"]), [list(refs) for refs in batch["references"]]))
         self._eval_outputs.append(
             {"audio_emb": audio_emb.float(), "clip_ids": batch["clip_ids"].to(self.device), "text_emb": text_emb.float(), "caption_clip": caption_clip}
         )
@@ -160,6 +170,10 @@ class ContrastiveRetrieval(AACModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_retrieval("val")
+
+    def on_test_start(self) -> None:
+        path = self.hparams.get("test_relevance")
+        self._relevance = read_relevance_file(path) if path is not None else None  # a bad file fails before testing
 
     def on_test_epoch_end(self) -> None:
         self._log_retrieval("test")
@@ -180,6 +194,17 @@ class ContrastiveRetrieval(AACModule):
                 cat[key] = all_gather_tensor(cat[key].contiguous(), sizes)
         return cat
 
+    def _gather_eval_texts(self) -> tuple[list[str], list[str]]:
+        """The test clips' file names (in `gather_eval_embeddings`' clip order) and captions (its caption order)."""
+        parts, self._eval_texts = self._eval_texts, []
+        if is_distributed():  # rank by rank, as all_gather_tensor concatenates the embeddings
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, parts)
+            parts = [part for rank_parts in gathered for part in rank_parts]
+        fnames = [name for names, _ in parts for name in names]
+        captions = [caption for _, refs in parts for clip_refs in refs for caption in clip_refs]
+        return fnames, captions
+
     def _log_retrieval(self, prefix: str) -> None:
         emb = self.gather_eval_embeddings()
         if emb["audio_emb"].shape[0] == 0:
@@ -194,6 +219,11 @@ class ContrastiveRetrieval(AACModule):
         t2a["geomean_R@1_R@5_R@10"] = (float(t2a["R@1"]) * float(t2a["R@5"]) * float(t2a["R@10"])) ** (1.0 / 3.0)
         metrics = {f"{prefix}/t2a/{k}": v for k, v in t2a.items()}
         metrics.update({f"{prefix}/a2t/{k}": v for k, v in audio_to_text_metrics(sim_t2a.T, targets).items()})
+        if prefix == "test" and self._relevance is not None:
+            fnames, captions = self._gather_eval_texts()
+            fnames = [fnames[i] for i in order.tolist()]  # the columns of sim_t2a
+            found = dcase2025_metrics(sim_t2a, captions, fnames, self._relevance, "the test split")
+            metrics.update({f"{prefix}/dcase2025/{k}": v for k, v in found.items()})
         # Every rank holds the same global numbers: no further reduction.
         self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
 

@@ -107,7 +107,8 @@ class CaptioningSCST(CaptionerModule):
         duplicate_reward: `own` or `first` (the authors' code; see above). Only matters with `per_item`.
         sample_temperature: temperature of the sampling distribution (authors 1.0).
         nonfinite_loss: `error` or `skip` a step whose loss is NaN/inf (see `AACModule`).
-        Other arguments (extractor, vocabulary, feature cache, beam search) as in `CaptioningXE`.
+        Other arguments (extractor, vocabulary, feature cache, beam search, test_metrics, fense_dir) as in
+            `CaptioningXE`.
 
     **XE configs.** `conf/captioning/scst.yaml` is merged after an XE config (`--config <xe>.yaml
     --config scst.yaml`); its `class_path` switches the model to this class, and LightningCLI
@@ -144,6 +145,8 @@ class CaptioningSCST(CaptionerModule):
         duplicate_reward: str = "own",
         sample_temperature: float = 1.0,
         nonfinite_loss: str = "error",
+        test_metrics: str | list[str] = "default",
+        fense_dir: str | None = None,
     ):
         check_nonfinite_loss_mode(nonfinite_loss)  # before init_from is read
         if samples not in SAMPLE_MODES:
@@ -180,6 +183,8 @@ class CaptioningSCST(CaptionerModule):
             length_penalty=length_penalty,
             init_from=init_from,
             nonfinite_loss=nonfinite_loss,
+            test_metrics=test_metrics,
+            fense_dir=fense_dir,
         )
         self._document_frequency: CiderDocumentFrequency | None = None
         self._train_references: list[list[str]] | None = None
@@ -203,8 +208,6 @@ class CaptioningSCST(CaptionerModule):
         super().setup(stage)
         if stage != "fit":
             return
-        if self.hparams.init_from is None and getattr(self.trainer, "ckpt_path", None) is None:
-            raise ValueError("CaptioningSCST starts from an XE checkpoint: pass init_from (or resume with ckpt_path)")
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "clips"):
             raise ValueError("CaptioningSCST needs a datamodule with `clips(split)` for the references of the training clips")
@@ -212,6 +215,14 @@ class CaptioningSCST(CaptionerModule):
         if self.hparams.cider_df == "corpus":
             # Standard SCST practice: document frequencies of the training references, fixed once.
             self._document_frequency = CiderDocumentFrequency.from_references(self._train_references)
+
+    def on_fit_start(self) -> None:
+        # Checked here, not in `setup`: Lightning restores a `ckpt_path` (and sets `trainer.ckpt_path`)
+        # only after `setup`, so a resumed run (whose checkpoint hyperparameters clear `init_from`) is
+        # told apart from one that starts from nothing only now.
+        super().on_fit_start()
+        if self.hparams.init_from is None and self.trainer.ckpt_path is None:
+            raise ValueError("CaptioningSCST starts from an XE checkpoint: pass init_from (or resume with ckpt_path)")
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

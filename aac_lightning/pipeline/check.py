@@ -27,7 +27,16 @@ import yaml
 
 from aac_lightning.utils.preflight import LATER, MISSING, PRESENT, WARNING, PreflightReport, Requirement, disk_requirement
 
-__all__ = ["config_requirements", "java_requirements", "recipe_report", "set_dotted", "stage_config", "verb_splits"]
+__all__ = [
+    "config_requirements",
+    "java_requirements",
+    "output_dirs",
+    "preflight_output_dirs",
+    "recipe_report",
+    "set_dotted",
+    "stage_config",
+    "verb_splits",
+]
 
 HANDOFF_KEYS = ("init_from", "extractor_ckpt")
 
@@ -273,6 +282,69 @@ def recipe_report(runner: Any) -> PreflightReport:
             if stage.kind == "caption_ensemble":
                 rows += java_requirements(stage.name)
     return PreflightReport(rows)
+
+
+# ----------------------------------------------------------------------------------------- output folders
+# Folders a stage writes besides its own `DIR/<stage>/`: model / data init arguments that name one.
+CONFIG_OUTPUT_DIRS = (
+    ("model", "feature_cache_dir", "feature cache (model.init_args.feature_cache_dir)"),
+    ("data", "split_dir", "re-split lists (data.init_args.split_dir)"),
+    ("data", "packed_dir", "audio packs (data.init_args.packed_dir)"),
+)
+
+
+def output_dirs(runner: Any) -> list[tuple[str, str, str]]:
+    """`(stage, purpose, folder)` of every folder the run will write, known before its first stage starts.
+
+    The work folder; the synthetic data folder when the run writes it; for every unfinished stage its
+    folder `DIR/<stage>/` (an ensemble's `metrics.json` and `submission.csv`, a training stage's
+    `config.yaml`, logs, `stage.json`, the links to its checkpoints and its test results), a training
+    stage's `DIR/<stage>/checkpoints/`, and the folders its config names (feature cache, re-split lists,
+    audio packs). Finished stages are skipped by the run: their folders are not listed.
+    """
+    from aac_lightning.pipeline.recipe import TRAINING_KINDS
+
+    dirs: list[tuple[str, str, str]] = [("(run)", "work folder (--workdir)", str(runner.workdir))]
+    recipe = runner.recipe
+    if recipe.synthetic_data and not (Path(recipe.synthetic_data["dir"]) / "CLOTHO_v2.1").is_dir():
+        dirs.append(("(run)", "synthetic data (synthetic_data.dir)", str(recipe.synthetic_data["dir"])))
+    for stage in recipe.stages:
+        if runner.stage_record(stage.name) is not None:
+            continue
+        folder = runner.stage_dir(stage.name)
+        dirs.append((stage.name, "stage folder", str(folder)))
+        if stage.kind not in TRAINING_KINDS:
+            continue
+        dirs.append((stage.name, "checkpoint folder", str(folder / "checkpoints")))
+        config = stage_config(stage, runner.overrides)
+        for section, name, purpose in CONFIG_OUTPUT_DIRS:
+            _, init_args = _with_defaults(config.get(section))
+            value = init_args.get(name)
+            if isinstance(value, (str, os.PathLike)) and str(value):
+                dirs.append((stage.name, purpose, os.fspath(value)))
+    return dirs
+
+
+def preflight_output_dirs(runner: Any, min_free_bytes: int | None = None) -> None:
+    """Make sure every folder of `output_dirs(runner)` can be created and written (and has free disk).
+
+    Run before the first stage, so a stage late in a long run (a test, an ensemble) cannot fail on its
+    output folder after hours of training. Folders are created on the way (empty).
+
+    Raises:
+        OutputDirError: for the first folder that fails, naming its stage, what it is for and the path.
+    """
+    from aac_lightning.utils.preflight import check_output_dir, min_free_bytes_from_env
+
+    if min_free_bytes is None:
+        min_free_bytes = min_free_bytes_from_env()
+    seen: set[str] = set()
+    for stage, purpose, path in output_dirs(runner):
+        key = path if "://" in path else os.path.abspath(os.path.expanduser(path))
+        if key in seen:
+            continue
+        seen.add(key)
+        check_output_dir(path, min_free_bytes, purpose if stage == "(run)" else f"stage {stage}: {purpose}")
 
 
 def _ensemble_data_row(stage: Any, made_roots: Sequence[str]) -> Requirement:

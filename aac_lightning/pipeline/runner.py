@@ -96,6 +96,8 @@ class PipelineRunner:
             record = self.stage_record(stage.name)
             if record is not None:
                 stages[stage.name] = {k: record[k] for k in ("kind", "checkpoint", "metrics")}
+                if record.get("unavailable_metrics"):  # metrics that could not run, with the reason (never 0)
+                    stages[stage.name]["unavailable_metrics"] = record["unavailable_metrics"]
         return {"recipe": self.recipe.name, "workdir": str(self.workdir), "stages": stages}
 
     # ------------------------------------------------------------------ running
@@ -111,13 +113,16 @@ class PipelineRunner:
 
         With `check` (default), `check()` runs first, on every rank, and a missing input stops the run
         before the first stage with a `PreflightError` whose message is the table of every requirement.
+        Then (always) every output folder of the unfinished stages is created and probed for writing
+        (`aac_lightning.pipeline.check.preflight_output_dirs`): an `OutputDirError` names the first
+        that fails, before anything trains.
         """
-        from aac_lightning.utils.preflight import check_output_dir
+        from aac_lightning.pipeline.check import preflight_output_dirs
 
         if check:
             self.check().raise_if_missing()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        check_output_dir(self.workdir)
+        # Every folder any unfinished stage writes (test and ensemble stages included), before the first starts.
+        preflight_output_dirs(self)
         # Under DDP the launcher re-runs this command on every rank: the files that rank 0 writes
         # here exist before the other ranks start, at the first stage's `trainer.fit`.
         # Launched by torchrun / SLURM, all ranks start together: the others wait for rank 0's files.
@@ -237,7 +242,8 @@ class PipelineRunner:
             write_json(out / "examples.json", examples, ensure_ascii=False)
             log_tables(trainer.loggers, examples)
         finish_loggers(trainer.loggers)
-        return {"kind": stage.kind, "checkpoint": str(checkpoint), "last": str(out / "last.ckpt"), "metrics": metrics}
+        return {"kind": stage.kind, "checkpoint": str(checkpoint), "last": str(out / "last.ckpt"), "metrics": metrics,
+                "unavailable_metrics": dict(getattr(model, "test_unavailable_metrics", None) or {})}
 
     def _examples(self, stage: Stage, model, datamodule) -> dict[str, Any] | None:
         """Sample captions (captioners) or top-5 retrieved files for a few captions (bi-encoders)."""
@@ -282,7 +288,8 @@ class PipelineRunner:
             rows = result["captions"]
             write_dcase_captioning_csv(out / "submission.csv", [fname for fname, _, _ in rows], [caption for _, caption, _ in rows])
             metrics = result["metrics"]
-        return {"kind": stage.kind, "checkpoint": None, "members": checkpoints, "metrics": normalize_metrics(stage.kind, metrics)}
+        return {"kind": stage.kind, "checkpoint": None, "members": checkpoints, "metrics": normalize_metrics(stage.kind, metrics),
+                "unavailable_metrics": dict(result.get("unavailable") or {})}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
