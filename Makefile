@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench bench-gpu clean
+.PHONY: install demo serve test test-fast lint bench bench-gpu clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/aac-lightning demo $(DEMO_ARGS)
+
+DEMO_WORKDIR ?= demo_workdir
+serve: $(STAMP)
+	$(VENV)/bin/aac-lightning serve $(DEMO_WORKDIR)/scst/averaged.ckpt $(DEMO_WORKDIR)/contrastive_finetune/best.ckpt \
+		--audio-dir $(DEMO_WORKDIR)/data/CLOTHO_v2.1/clotho_audio_files/evaluation $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -6,7 +6,6 @@ import importlib
 import inspect
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -43,13 +42,15 @@ def init_argument_names(cls: type) -> set[str] | None:
 
 
 def read_configs(paths: Sequence[str]) -> dict[str, Any]:
-    """Several LightningCLI YAML configs merged in order, as `--config a --config b` would."""
+    """Several LightningCLI YAML configs (files, or shipped configs' names) merged in order, as
+    `--config a --config b` would."""
+    from aac_lightning.utils.shipped import resolve_config
+
     merged: dict[str, Any] = {}
     for path in paths:
+        path = resolve_config(path)
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"config file not found: '{path}'") from err
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"config '{path}' is not valid YAML: {err}") from err
         if not isinstance(data, dict):

@@ -34,7 +34,9 @@ on the same model and batch, and their speed ratio is printed. On a CPU only fp3
 
 Timing: ``--warmup`` untimed steps, then ``--steps`` timed steps, each measured with
 ``time.perf_counter`` around the whole step (CUDA synchronised before and after); ms/step is the
-median, clips/s is the batch size over it.
+median, clips/s is the batch size over it. Every model of a run gets the same batch (one default
+batch size for all, 10 timed steps by default) and the same text path: with ``--preset both`` (or
+several models) the captions go in as token ids for every row.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the warm-up and timed steps
 (weights, gradients, Adam states and activations: everything the step holds). On a CPU, the
@@ -46,6 +48,7 @@ only the first row of a run is exact there.
 Usage::
 
     python bench/bench_contrastive_step.py --preset demo
+    python bench/bench_contrastive_step.py --preset both --pairs cnn14_bert_medium   # side by side, same batch and token ids
     python bench/bench_contrastive_step.py --preset paper --pairs cnn14_bert_medium
     python bench/bench_contrastive_step.py --preset paper --batch-size 64        # all five pairs
     python bench/bench_contrastive_step.py --config conf/retrieval/ast_bert_base.yaml
@@ -84,7 +87,8 @@ PAPER_PAIRS = ("wlcnn14_bert_base", "cnn14_bert_medium", "cnn14_bert_base", "cnn
 
 # Defaults per device: a CPU run stays within a few minutes on two cores; a GPU run uses a
 # realistic batch (half the report's 128, which every pair fits in fp32 on an 80 GB GPU).
-CPU_DEFAULTS = {"demo": {"batch_size": 8, "warmup": 1, "steps": 3}, "other": {"batch_size": 4, "warmup": 1, "steps": 3}}
+# One batch size for every model of a run, so rows compare the same work; at least 10 timed steps.
+CPU_DEFAULTS = {"demo": {"batch_size": 4, "warmup": 1, "steps": 10}, "other": {"batch_size": 4, "warmup": 1, "steps": 10}}
 CUDA_DEFAULTS = {"demo": {"batch_size": 64, "warmup": 3, "steps": 10}, "other": {"batch_size": 64, "warmup": 3, "steps": 10}}
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +327,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Training-step throughput (clips/s) of the contrastive stage on random audio and captions.",
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", choices=("demo", "paper"), default=None, help="model sizes (default: demo)")
+    source.add_argument("--preset", choices=("demo", "paper", "both"), default=None,
+                        help="model sizes (default: demo); both: the demo model and the paper pairs side by side, same batch and text path")
     source.add_argument("--config", "-c", action="append", default=None,
                         help="contrastive LightningCLI config(s), merged in order (random weights)")
     parser.add_argument("--pairs", default=None,
@@ -343,8 +348,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.preset is None and args.config is None:
         args.preset = "demo"
-    if args.pairs is not None and args.preset != "paper":
-        parser.error("--pairs applies to --preset paper only")
+    if args.pairs is not None and args.preset not in ("paper", "both"):
+        parser.error("--pairs applies to --preset paper or both only")
     for name in ("batch_size", "warmup", "steps", "caption_tokens"):
         value = getattr(args, name)
         minimum = 0 if name == "warmup" else 1
@@ -362,8 +367,9 @@ def select_cases(args: argparse.Namespace) -> list[Case]:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"--config file not found: {path}")
         return [Case(name=Path(args.config[0]).stem, configs=list(args.config), pretrained_text=False)]
+    demo = [Case(name="demo", configs=[str(DEMO_CONFIG)], pretrained_text=True)]
     if args.preset == "demo":
-        return [Case(name="demo", configs=[str(DEMO_CONFIG)], pretrained_text=True)]
+        return demo
     pairs = PAPER_PAIRS if args.pairs is None else tuple(p.strip() for p in args.pairs.split(",") if p.strip())
     unknown = [p for p in pairs if p not in PAPER_PAIRS]
     if unknown or not pairs:
@@ -374,7 +380,7 @@ def select_cases(args: argparse.Namespace) -> list[Case]:
         if not path.is_file():
             raise FileNotFoundError(f"config of pair {pair!r} not found: {path}")
         cases.append(Case(name=pair, configs=[str(path)], pretrained_text=False))
-    return cases
+    return demo + cases if args.preset == "both" else cases
 
 
 def format_table(rows: list[Row]) -> str:
@@ -422,7 +428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = build_module(case).to(device).train()
         text_input = args.text_input
         if text_input == "auto":
-            text_input = "tokens" if args.preset == "paper" else ("captions" if tokenizer_available(module) else "tokens")
+            # One text path for every row of a run: token ids whenever a model without an offline
+            # tokenizer (the paper pairs) is in it, so no row times tokenization the others skip.
+            same_path = args.preset in ("paper", "both") or len(cases) > 1
+            text_input = "tokens" if same_path or not tokenizer_available(module) else "captions"
         elif text_input == "captions" and not tokenizer_available(module):
             raise ValueError(
                 f"--text-input captions: the tokenizer of {module.hparams.text_encoder!r} is not available offline"
@@ -443,6 +452,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print()
     print(format_table(rows))
+    timed = [row for row in rows if row.clips_per_s and row.precision == "fp32"]
+    if len(timed) > 1:
+        first = timed[0]
+        for row in timed[1:]:
+            print(f"{first.pair} / {row.pair} clips/s (same batch {row.batch}, {row.text_input}, {steps} steps): "
+                  f"{first.clips_per_s / row.clips_per_s:.2f}x")
     if device.type == "cuda":
         print("peak MiB: torch.cuda.max_memory_allocated over the steps (weights, gradients, Adam states, activations)")
         by_pair: dict[str, dict[str, Row]] = {}

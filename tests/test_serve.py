@@ -234,3 +234,14 @@ def test_sixteen_concurrent_captions_all_answer(server: str, backend: DemoBacken
         jobs = [pool.submit(client.predict, handle_file(str(c)), "", api_name="/caption") for c in order]
         answers = [job.result(timeout=300)[0] for job in jobs]
     assert answers == [expected[str(c)] for c in order]
+
+
+def test_serve_takes_exported_folders(xe_ckpt: Path, retrieval_ckpt: Path, library: Path, backend: DemoBackend, clips, tmp_path: Path):  # noqa: F811
+    from aac_lightning.pretrained import export_pretrained
+
+    folders = [tmp_path / "captioner", tmp_path / "retrieval"]
+    export_pretrained(xe_ckpt, folders[0])
+    export_pretrained(retrieval_ckpt, folders[1])
+    exported = DemoBackend.from_models(folders, audio_dir=library, top_k=4)
+    assert exported.caption(clips[0]).caption == backend.caption(clips[0]).caption
+    assert [(h.name, pytest.approx(h.score, abs=1e-5)) for h in exported.search("a high beep")] == [(h.name, h.score) for h in backend.search("a high beep")]
