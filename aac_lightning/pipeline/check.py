@@ -279,6 +279,9 @@ def recipe_report(runner: Any) -> PreflightReport:
             for key, text in made_by.items():
                 rows.append(Requirement(stage.name, f"ensemble member ({key})", text.removeprefix("made by stage "), LATER, text, key))
             rows.append(_ensemble_data_row(stage, made_roots))
+            if stage.relevance is not None:
+                rows.append(_path_row(stage.name, "DCASE 2025 relevance file", "relevance", stage.relevance,
+                                      "the task's resources/metadata_eval.csv (columns query,audio_filenames); set the stage's 'relevance'"))
             if stage.kind == "caption_ensemble":
                 rows += java_requirements(stage.name)
     return PreflightReport(rows)

@@ -18,6 +18,8 @@ recipe's own `variables`, overridable with `--var NAME=VALUE`, are replaced in e
         kind: retrieval_ensemble                                  # or caption_ensemble
         members: [pretrain]
         clotho_root: ${workdir}/data
+        relevance: ${data_root}/metadata_eval.csv                 # optional: DCASE 2025 mAP@16 too
+                                                                  # (caption_ensemble: metrics: dcase2024)
 
 A training stage's kind, when the stage does not name it, is the `kind` of the last `model.class_path`
 among its configs (`ContrastiveRetrieval.kind == "contrastive"`, `CaptioningXE.kind == "xe"`, ...).
@@ -38,7 +40,7 @@ from aac_lightning.utils.shipped import resolve_recipe
 TRAINING_KINDS = ("contrastive", "xe", "scst")
 ENSEMBLE_KINDS = ("retrieval_ensemble", "caption_ensemble")
 HANDOFF_CHOICES = ("best", "last", "averaged")
-STAGE_KEYS = {"name", "kind", "configs", "set", "handoff", "members", "clotho_root", "subset", "tags", "description"}
+STAGE_KEYS = {"name", "kind", "configs", "set", "handoff", "members", "clotho_root", "subset", "metrics", "relevance", "tags", "description"}
 RECIPE_KEYS = {"name", "description", "variables", "synthetic_data", "stages"}
 SYNTH_KEYS = {"dir", "clips", "seed", "sample_rate"}
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -60,6 +62,8 @@ class Stage:
     members: list[str] = field(default_factory=list)
     clotho_root: str | None = None
     subset: str = "evaluation"
+    metrics: str | list[str] | None = None  # caption ensembles: metric sets / names (`dcase2024`, ...)
+    relevance: str | None = None  # retrieval ensembles: the DCASE 2025 relevance file (adds mAP@16)
     tags: list[str] = field(default_factory=list)
     description: str = ""
 
@@ -163,6 +167,8 @@ def _parse_stage(path: Path, index: int, entry: Any, earlier: dict[str, Stage]) 
         members=[str(m) for m in entry.get("members") or []],
         clotho_root=entry.get("clotho_root"),
         subset=str(entry.get("subset") or "evaluation"),
+        metrics=entry.get("metrics"),
+        relevance=None if entry.get("relevance") is None else str(entry.get("relevance")),
         tags=[str(t) for t in entry.get("tags") or []],
         description=str(entry.get("description") or ""),
     )
@@ -176,8 +182,11 @@ def _parse_stage(path: Path, index: int, entry: Any, earlier: dict[str, Stage]) 
 def _check_training_stage(where: str, stage: Stage, earlier: dict[str, Stage], config_paths: list[Path]) -> None:
     if not config_paths:
         raise RecipeError(f"{where}: a training stage needs 'configs'")
-    if stage.members or stage.clotho_root:
-        raise RecipeError(f"{where}: 'members' and 'clotho_root' belong to ensemble stages")
+    if stage.members or stage.clotho_root or stage.metrics is not None or stage.relevance is not None:
+        raise RecipeError(
+            f"{where}: 'members', 'clotho_root', 'metrics' and 'relevance' belong to ensemble stages "
+            "(a training stage sets model.init_args.test_metrics / test_relevance)"
+        )
     for key, source in stage.handoff.items():
         source_name = source.split(":")[0]
         if source_name not in earlier:
@@ -199,6 +208,17 @@ def _check_ensemble_stage(where: str, stage: Stage, earlier: dict[str, Stage]) -
             raise RecipeError(f"{where}: member '{member}' is a {earlier[member].kind} stage; a {stage.kind} takes {list(wanted)}")
     if not stage.clotho_root:
         raise RecipeError(f"{where}: an ensemble stage needs 'clotho_root' (the data to evaluate on)")
+    if stage.metrics is not None:
+        if stage.kind != "caption_ensemble":
+            raise RecipeError(f"{where}: 'metrics' (caption metric sets) belongs to caption_ensemble stages")
+        from aac_lightning.metrics.sets import resolve_caption_metrics
+
+        try:
+            resolve_caption_metrics(stage.metrics)
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"{where}: 'metrics': {err}") from None
+    if stage.relevance is not None and stage.kind != "retrieval_ensemble":
+        raise RecipeError(f"{where}: 'relevance' (the DCASE 2025 relevance file) belongs to retrieval_ensemble stages")
 
 
 def load_recipe(path: str | Path, workdir: str | Path, variables: dict[str, str] | None = None) -> Recipe:

@@ -272,18 +272,19 @@ class PipelineRunner:
             from aac_lightning.ensembles import evaluate_retrieval_ensemble, rank_from_similarity
             from aac_lightning.metrics.dcase import DCASE_NUM_RANKED, write_dcase_retrieval_csv
 
-            result = evaluate_retrieval_ensemble(checkpoints, stage.clotho_root, stage.subset)
+            result = evaluate_retrieval_ensemble(checkpoints, stage.clotho_root, stage.subset, relevance=stage.relevance)
             report = {key: result[key] for key in ("checkpoints", "clotho_root", "subset", "num_audio", "num_queries", "metrics")}
             (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             ranked, _ = rank_from_similarity(result["similarity"], result["fnames"], DCASE_NUM_RANKED)
             write_dcase_retrieval_csv(out / "submission.csv", result["captions"], ranked)
             metrics = {name: result["metrics"]["t2a"][name] for name in RETRIEVAL_METRICS}
             metrics.update({f"a2t/{name}": result["metrics"]["a2t"][name] for name in RETRIEVAL_METRICS})
+            metrics.update({f"dcase2025/{name}": value for name, value in result["metrics"].get("dcase2025", {}).items()})
         else:
             from aac_lightning.ensembles import evaluate_caption_ensemble
             from aac_lightning.metrics.captioning import write_dcase_captioning_csv
 
-            result = evaluate_caption_ensemble(checkpoints, stage.clotho_root, stage.subset)
+            result = evaluate_caption_ensemble(checkpoints, stage.clotho_root, stage.subset, metrics=stage.metrics)
             write_json(out / "metrics.json", {"checkpoints": result["checkpoints"], "subset": stage.subset, "metrics": result["metrics"]})
             rows = result["captions"]
             write_dcase_captioning_csv(out / "submission.csv", [fname for fname, _, _ in rows], [caption for _, caption, _ in rows])

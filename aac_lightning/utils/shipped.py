@@ -60,7 +60,7 @@ def describe(path: Path) -> str:
             if line.startswith("description:"):
                 return line.partition(":")[2].strip().strip("\"'")
             if line.startswith("#"):
-                return line.lstrip("#").strip()
+                return line.lstrip("#").strip().rstrip(":").rstrip()
             if line:
                 break
     return ""
