@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -95,34 +96,50 @@ def _launch(synth_root: Path, text_encoder: str, run_dir: Path, *extra: str, blo
         f"--trainer.logger.init_args.save_dir={run_dir}",
         *extra,
     ]
+    return start_cli(args, run_dir)
+
+
+def start_cli(args: list[str], run_dir: Path) -> subprocess.Popen:
+    """`args` (a `python -m aac_lightning ...` command) in the repository, offline, one thread;
+    its output goes to `run_dir/output.log`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     log = open(run_dir / "output.log", "w", encoding="utf-8")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _wait(process: subprocess.Popen, run_dir: Path, timeout_s: float = 400.0) -> None:
+def run_log(run_dir: Path) -> str:
+    """The last lines of a run's output."""
+    return (run_dir / "output.log").read_text(encoding="utf-8", errors="replace")[-3000:]
+
+
+def wait_ok(process: subprocess.Popen, run_dir: Path, timeout_s: float = 400.0) -> None:
+    """Wait for a run; fail the test with its output if it fails or does not finish in time."""
     try:
         code = process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         process.kill()
         pytest.fail(f"run in {run_dir} did not finish in {timeout_s} s")
-    log = (run_dir / "output.log").read_text(encoding="utf-8", errors="replace")
-    assert code == 0, f"run in {run_dir} failed ({code}):\n{log[-3000:]}"
+    assert code == 0, f"run in {run_dir} failed ({code}):\n{run_log(run_dir)}"
 
 
-@pytest.mark.slow  # three CLI runs end to end
-def test_killed_and_resumed_run_equals_uninterrupted_run(synth_root: Path, tiny_text_encoder: str, tmp_path: Path):
-    uninterrupted_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    # The two first runs go side by side (two cores).
-    uninterrupted = _launch(synth_root, tiny_text_encoder, uninterrupted_dir)
-    killed = _launch(synth_root, tiny_text_encoder, killed_dir, block=True)
+def kill_and_resume_runs(launch: Callable[..., subprocess.Popen], tmp_path: Path, steps_per_epoch: int) -> tuple[Path, Path, Path]:
+    """The three runs: uninterrupted and to-be-killed side by side (two cores), the kill with SIGKILL
+    at the step marker, then the resumed run from the end-of-epoch-0 `last.ckpt` that survived.
+
+    `launch(run_dir, *extra_args, block=False)` starts one run. Returns the uninterrupted run's
+    folder, the checkpoint resumed from, and the resumed run's folder (both runs finished)."""
+    uninterrupted_dir, killed_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "killed", tmp_path / "resumed"
+    uninterrupted = launch(uninterrupted_dir)
+    killed = launch(killed_dir, block=True)
     marker = killed_dir / "markers" / f"e{KILL_EPOCH}-b{KILL_AFTER_BATCH}"
     deadline = time.monotonic() + 400
     while not marker.exists():
         if killed.poll() is not None:
-            pytest.fail("the run to kill ended early:\n" + (killed_dir / "output.log").read_text(errors="replace")[-3000:])
+            uninterrupted.kill()
+            pytest.fail("the run to kill ended early:\n" + run_log(killed_dir))
         if time.monotonic() > deadline:
             killed.kill()
+            uninterrupted.kill()
             pytest.fail("the run to kill never reached epoch 1")
         time.sleep(0.1)
     killed.send_signal(signal.SIGKILL)
@@ -133,12 +150,20 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(synth_root: Path, tiny_
     resume_from = killed_dir / "epoch0-last.ckpt"
     resume_from.write_bytes(last.read_bytes())
 
-    resumed_dir = tmp_path / "resumed"
-    resumed = _launch(synth_root, tiny_text_encoder, resumed_dir, f"--ckpt_path={resume_from}")
-    _wait(uninterrupted, uninterrupted_dir)
-    _wait(resumed, resumed_dir)
+    resumed = launch(resumed_dir, f"--ckpt_path={resume_from}")
+    wait_ok(uninterrupted, uninterrupted_dir)
+    wait_ok(resumed, resumed_dir)
     # the resumed run trained epoch 1 only, from its first step
-    assert sorted(p.name for p in (resumed_dir / "markers").iterdir()) == [f"e1-b{b}" for b in range(4)]
+    assert sorted(p.name for p in (resumed_dir / "markers").iterdir()) == [f"e1-b{b}" for b in range(steps_per_epoch)]
+    return uninterrupted_dir, resume_from, resumed_dir
+
+
+@pytest.mark.slow  # three CLI runs end to end
+def test_killed_and_resumed_run_equals_uninterrupted_run(synth_root: Path, tiny_text_encoder: str, tmp_path: Path):
+    def launch(run_dir: Path, *extra: str, block: bool = False) -> subprocess.Popen:
+        return _launch(synth_root, tiny_text_encoder, run_dir, *extra, block=block)
+
+    uninterrupted_dir, resume_from, resumed_dir = kill_and_resume_runs(launch, tmp_path, steps_per_epoch=4)
 
     expected = read_checkpoint(uninterrupted_dir / "checkpoints" / "last.ckpt")
     actual = read_checkpoint(resumed_dir / "checkpoints" / "last.ckpt")

@@ -16,11 +16,8 @@ reseeded from (seed, epoch), and the schedule continues only because the schedul
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +26,11 @@ import torch
 import yaml
 
 from aac_lightning.checkpoints import read_checkpoint
+from tests.test_resume import KILL_AFTER_BATCH, KILL_EPOCH, kill_and_resume_runs, start_cli
 from tests.test_xe_module import TINY_CAPTIONER, fit_xe, retrieval_ckpt  # noqa: F401 - fixture
 
 REPO = Path(__file__).resolve().parents[1]
-KILL_EPOCH, KILL_AFTER_BATCH, STEPS_PER_EPOCH = 1, 1, 4
+STEPS_PER_EPOCH = 4
 
 
 @pytest.fixture(scope="module")
@@ -94,22 +92,7 @@ def _launch(config: Path, model_args: list[str], synth_root: Path, run_dir: Path
         f"--trainer.logger.init_args.save_dir={run_dir}",
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    log = open(run_dir / "output.log", "w", encoding="utf-8")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _log(run_dir: Path) -> str:
-    return (run_dir / "output.log").read_text(encoding="utf-8", errors="replace")[-3000:]
-
-
-def _wait(process: subprocess.Popen, run_dir: Path, timeout_s: float = 300.0) -> None:
-    try:
-        code = process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail(f"run in {run_dir} did not finish in {timeout_s} s")
-    assert code == 0, f"run in {run_dir} failed ({code}):\n{_log(run_dir)}"
+    return start_cli(args, run_dir)
 
 
 def _differences(expected: Any, actual: Any, where: str = "") -> list[str]:
@@ -130,34 +113,11 @@ def _differences(expected: Any, actual: Any, where: str = "") -> list[str]:
 
 def kill_and_resume(config: Path, model_args: list[str], synth_root: Path, tmp_path: Path) -> tuple[dict, dict, dict]:
     """Run the three processes; returns the final `last.ckpt` of the uninterrupted and the resumed runs, and the resumed-from one."""
-    uninterrupted_dir, killed_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "killed", tmp_path / "resumed"
-    uninterrupted = _launch(config, model_args, synth_root, uninterrupted_dir)  # the first two side by side (two cores)
-    killed = _launch(config, model_args, synth_root, killed_dir, block=True)
-    marker = killed_dir / "markers" / f"e{KILL_EPOCH}-b{KILL_AFTER_BATCH}"
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        if killed.poll() is not None:
-            uninterrupted.kill()
-            pytest.fail("the run to kill ended early:\n" + _log(killed_dir))
-        if time.monotonic() > deadline:
-            killed.kill()
-            uninterrupted.kill()
-            pytest.fail("the run to kill never reached epoch 1")
-        time.sleep(0.1)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL
-    last = killed_dir / "checkpoints" / "last.ckpt"
-    assert read_checkpoint(last)["epoch"] == 0  # what survived the kill: the end of epoch 0
-    assert not (killed_dir / "checkpoints" / "averaged.ckpt").exists()  # the killed run never finished
-    resume_from = killed_dir / "epoch0-last.ckpt"
-    resume_from.write_bytes(last.read_bytes())
+    def launch(run_dir: Path, *extra: str, block: bool = False) -> subprocess.Popen:
+        return _launch(config, model_args, synth_root, run_dir, *extra, block=block)
 
-    resumed = _launch(config, model_args, synth_root, resumed_dir, f"--ckpt_path={resume_from}")
-    _wait(uninterrupted, uninterrupted_dir)
-    _wait(resumed, resumed_dir)
-    # the resumed run trained epoch 1 only, from its first step
-    assert sorted(p.name for p in (resumed_dir / "markers").iterdir()) == [f"e1-b{b}" for b in range(STEPS_PER_EPOCH)]
+    uninterrupted_dir, resume_from, resumed_dir = kill_and_resume_runs(launch, tmp_path, STEPS_PER_EPOCH)
+    assert not (resume_from.parent / "checkpoints" / "averaged.ckpt").exists()  # the killed run never finished
     expected = read_checkpoint(uninterrupted_dir / "checkpoints" / "last.ckpt")
     actual = read_checkpoint(resumed_dir / "checkpoints" / "last.ckpt")
     assert (actual["epoch"], actual["global_step"]) == (expected["epoch"], expected["global_step"]) == (1, 2 * STEPS_PER_EPOCH)
