@@ -59,6 +59,11 @@ def _preflight_cli_class(base: type) -> type:
             except Exception as err:
                 setattr(err, "aac_lightning_setup", True)  # see build_lightning_cli
                 raise
+            # `--ckpt_path`: the module is restored after its `setup`; modules that extract features
+            # in `setup` (captioners with a feature cache) wait for the restored weights instead.
+            ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+            if ckpt_path is not None and hasattr(self.model, "restoring_from"):
+                self.model.restoring_from = str(ckpt_path)
 
         def before_fit(self) -> None:
             from aac_lightning.utils.preflight import preflight_trainer_outputs

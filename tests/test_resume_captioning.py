@@ -163,6 +163,12 @@ def test_killed_and_resumed_xe_run_equals_uninterrupted_run(retrieval_ckpt: Path
     metrics = (tmp_path / "uninterrupted" / "logs").rglob("metrics.csv")
     ratios = [float(v) for path in metrics for v in _csv_column(path, "train/teacher_forcing")]
     assert ratios and min(ratios) < 0.9
+    # the resumed run extracted its features once, with the restored extractor: one cache file, the
+    # uninterrupted run's (none for the weights the module was built with before the restore)
+    # (the resumed run reads `feature_cache_dir` from the checkpoint's hyper-parameters: the killed run's)
+    uninterrupted = sorted(p.name for p in (tmp_path / "uninterrupted" / "cache").glob("*.h5"))
+    resumed = sorted({p.name for run in ("killed", "resumed") for p in (tmp_path / run / "cache").glob("*.h5")})
+    assert len(uninterrupted) == 1 and resumed == uninterrupted
 
 
 @pytest.mark.slow  # three CLI runs end to end

@@ -208,6 +208,10 @@ class CaptionerModule(AACModule):
         elif vocab_size is not None:
             self._build_captioner(None, vocab_size)
         self.feature_cache: FeatureCache | None = None
+        # Set by the CLI when `--ckpt_path` will restore this module: `setup` then leaves the feature
+        # cache to `on_load_checkpoint`, which knows the restored extractor weights.
+        self.restoring_from: str | None = None
+        self._deferred_cache_stage: str | None = None
         self._eval_outputs: list[TestCaption] = []
         self.test_captions: list[TestCaption] = []
         self.test_unavailable_metrics: dict[str, str] = {}
@@ -255,7 +259,19 @@ class CaptionerModule(AACModule):
             # The model already has a vocabulary (handoff, argument, an earlier fit): the data follow it.
             self._share_vocabulary(datamodule, stage)
         if self.hparams.feature_cache_dir is not None and datamodule is not None:
-            self._prepare_feature_cache(datamodule, stage)
+            if self.restoring_from is not None:
+                # The restore brings the extractor weights after `setup`: extract with those (in
+                # `on_load_checkpoint`), not with the weights the module was built with.
+                self._deferred_cache_stage = stage
+            else:
+                self._prepare_feature_cache(datamodule, stage)
+
+    def on_fit_start(self) -> None:
+        """A feature cache left for a restore that did not bring a checkpoint is built now."""
+        super().on_fit_start()
+        if self._deferred_cache_stage is not None:
+            stage, self._deferred_cache_stage = self._deferred_cache_stage, None
+            self._prepare_feature_cache(self.trainer.datamodule, stage)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming (`ckpt_path`): the checkpoint's vocabulary replaces one taken from the datamodule,
@@ -299,17 +315,20 @@ class CaptionerModule(AACModule):
         would train on the random extractor's features. Load the checkpoint's extractor now and switch
         to the cache of those weights (built if missing: rank 0 extracts, the others wait).
         """
-        if self.feature_cache is None or self.extractor is None or self._trainer is None:
+        deferred, self._deferred_cache_stage = self._deferred_cache_stage, None
+        if (self.feature_cache is None and deferred is None) or self.extractor is None or self._trainer is None:
             return
         prefix = "extractor."
         state = {k[len(prefix):]: v for k, v in (checkpoint.get("state_dict") or {}).items() if k.startswith(prefix)}
         current = self.extractor.state_dict()
-        if not state or (state.keys() == current.keys() and all(torch.equal(v.cpu(), current[k].cpu()) for k, v in state.items())):
+        same = state.keys() == current.keys() and all(torch.equal(v.cpu(), current[k].cpu()) for k, v in state.items())
+        if state and not same:
+            load_state_dict_strict(self.extractor, state, "the checkpoint's extractor (extractor.*)")
+        elif deferred is None:
             return
-        load_state_dict_strict(self.extractor, state, "the checkpoint's extractor (extractor.*)")
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
-            self._prepare_feature_cache(datamodule, str(getattr(self.trainer.state.fn, "value", self.trainer.state.fn)))
+            self._prepare_feature_cache(datamodule, deferred or str(getattr(self.trainer.state.fn, "value", self.trainer.state.fn)))
 
     def _share_vocabulary(self, datamodule, stage: str) -> None:
         """Make the datamodule encode captions with the model's vocabulary (or check its explicit one)."""
