@@ -70,3 +70,26 @@ def test_finished_stage_is_not_rechecked_but_its_handoff_is(tmp_path, capsys):
     (stage / "best.ckpt").unlink()
     rows = runner.check().requirements
     assert any(r.stage == "finetune" and r.status == "MISSING" and "delete" in r.fix for r in rows)
+
+
+def test_fense_models_are_an_optional_row_when_the_metrics_ask_for_them(tmp_path):
+    import shutil
+
+    from aac_lightning.pipeline.check import fense_requirements
+    from aac_lightning.utils.preflight import PRESENT, WARNING
+    from tests.test_metric_sets import _fense_models
+
+    pytest.importorskip("aac_metrics", reason="the eval extra (aac-metrics) is not installed")
+    assert fense_requirements("xe", "dcase2022") == []  # no FENSE, no SPIDEr-FL: no row
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (row,) = fense_requirements("xe", "dcase2024", str(empty))
+    assert row.status == WARNING and not row.blocking and row.key == "model.init_args.fense_dir"
+    assert row.fix.startswith("fense, spider_fl will be reported unavailable") and "aac-metrics-download" in row.fix
+    models = _fense_models(tmp_path / "models", error=False)
+    (row,) = fense_requirements("xe", "dcase2024", str(tmp_path / "models"))
+    assert row.status == PRESENT and row.fix == ""
+    shutil.rmtree(models["sbert"])  # SPIDEr-FL needs the checker only; FENSE needs Sentence-BERT too
+    assert fense_requirements("xe", "spider_fl", str(tmp_path / "models"))[0].status == PRESENT
+    (row,) = fense_requirements("xe", "fense", str(tmp_path / "models"))
+    assert row.status == WARNING and "Sentence-BERT" in row.fix

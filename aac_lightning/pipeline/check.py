@@ -124,6 +124,22 @@ def java_requirements(stage: str) -> list[Requirement]:
     return rows
 
 
+def fense_requirements(stage: str, metrics: Any, fense_dir: str | None = None) -> list[Requirement]:
+    """The FENSE / SPIDEr-FL models (optional) of a stage whose caption metrics ask for them."""
+    from aac_lightning.metrics.sets import resolve_caption_metrics
+
+    wanted = sorted(set(resolve_caption_metrics(metrics)) & {"fense", "spider_fl"})
+    if not wanted or importlib.util.find_spec("aac_metrics") is None:
+        return []
+    from aac_lightning.metrics.fense import find_fense_models
+
+    needs = {"echecker"} | ({"sbert"} if "fense" in wanted else set())  # SPIDEr-FL: the checker only
+    reasons = list(dict.fromkeys(r for k, r in find_fense_models(fense_dir).problems.items() if k in needs))
+    target = f"{fense_dir} (model.init_args.fense_dir)" if fense_dir else "Hugging Face cache and $FENSE_DATA"
+    fix = f"{', '.join(wanted)} will be reported unavailable: {'; '.join(reasons)}" if reasons else ""
+    return [Requirement(stage, "FENSE / SPIDEr-FL models (optional)", target, WARNING if reasons else PRESENT, fix, "model.init_args.fense_dir")]
+
+
 def _path_row(stage: str, what: str, key: str, path: Any, fix: str, made_by: str | None = None) -> Requirement:
     if made_by is not None:
         return Requirement(stage, what, str(path or key), LATER, made_by, key)
@@ -179,6 +195,7 @@ def config_requirements(
     # --- Java for the caption metrics of a captioner's test
     if kind in ("xe", "scst") and "test" in splits:
         rows += java_requirements(stage)
+        rows += fense_requirements(stage, model.get("test_metrics"), model.get("fense_dir"))
     if disk:
         root = ((config.get("trainer") or {}).get("default_root_dir")) or os.getcwd()
         rows.append(disk_requirement(stage, root, "free disk (trainer.default_root_dir)"))
@@ -284,6 +301,7 @@ def recipe_report(runner: Any) -> PreflightReport:
                                       "the task's resources/metadata_eval.csv (columns query,audio_filenames); set the stage's 'relevance'"))
             if stage.kind == "caption_ensemble":
                 rows += java_requirements(stage.name)
+                rows += fense_requirements(stage.name, stage.metrics)
     return PreflightReport(rows)
 
 
