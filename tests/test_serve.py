@@ -20,6 +20,7 @@ import soundfile as sf
 from aac_lightning.data.datasets import Clotho
 from aac_lightning.inference import Captioner, Retriever
 from aac_lightning.serve import DemoBackend, ServeError, ServeLimits, split_by_kind
+from tests.ddp import free_port
 from tests.test_scst_module import xe_ckpt  # noqa: F401  (fixture)
 from tests.test_xe_module import retrieval_ckpt  # noqa: F401  (fixture)
 
@@ -155,17 +156,9 @@ def server(backend: DemoBackend, tmp_path_factory):
     from aac_lightning.serve.app import launch
 
     os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio_uploads"))
-    app = launch(backend, host="127.0.0.1", port=_free_port(), concurrency=2, block=False)
+    app = launch(backend, host="127.0.0.1", port=free_port(), concurrency=2, block=False)
     yield app.local_url.rstrip("/")
     app.close()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _status(url: str) -> int:

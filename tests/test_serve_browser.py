@@ -20,6 +20,7 @@ import pytest
 
 from aac_lightning.data.datasets import Clotho
 from aac_lightning.inference import Captioner, Retriever
+from tests.ddp import free_port
 from tests.test_scst_module import xe_ckpt  # noqa: F401  (fixture)
 from tests.test_xe_module import retrieval_ckpt  # noqa: F401  (fixture)
 
@@ -29,12 +30,6 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the dev 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 QUERY = "a high beep then a low siren"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +44,7 @@ def library(synth_root: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def served(xe_ckpt: Path, retrieval_ckpt: Path, library: Path, tmp_path_factory):  # noqa: F811
     """The console command `aac-lightning serve`, running; its URL."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve_log") / "serve.log"
     env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("uploads")), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "aac_lightning", "serve", str(xe_ckpt), str(retrieval_ckpt), "--audio-dir", str(library), "--port", str(port), "--top-k", "3"]

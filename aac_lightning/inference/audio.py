@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from aac_lightning.ensembles.waveforms import file_progress
 from aac_lightning.data.audio import AUDIO_EXTENSIONS, AudioError, list_audio_files, load_audio, resample
 
 log = logging.getLogger(__name__)
@@ -124,11 +123,6 @@ def array_to_mono(waveform: np.ndarray | Tensor, sample_rate: int, target_rate: 
     return torch.from_numpy(np.ascontiguousarray(data[:, 0]))  # (T',)
 
 
-def progress(items: Sequence[Any], description: str):
-    """A tqdm bar on stderr, shown only for more than a handful of items."""
-    return tqdm(items, desc=description, unit="file", disable=len(items) <= PROGRESS_MIN_FILES, file=sys.stderr)
-
-
 def read_batches(
     paths: Sequence[Path],
     rates: Iterable[int],
@@ -149,21 +143,23 @@ def read_batches(
     rates = sorted({int(r) for r in rates})
     indices: list[int] = []
     waves: dict[int, list[Tensor]] = {rate: [] for rate in rates}
-    for index, path in zip(range(len(paths)), progress(paths, description)):
-        try:
-            clip = {rate: load_audio(path, rate)[0][0] for rate in rates}  # each (T,)
-        except AudioError as err:
-            if on_bad_audio == "error":
-                raise
-            if skipped is not None:
-                skipped.append((str(path), str(err)))
-            log.warning("skipped: %s", err)
-            continue
-        indices.append(index)
-        for rate, wave in clip.items():
-            waves[rate].append(wave)
-        if len(indices) == batch_size:
+    with file_progress(len(paths), description, progress=len(paths) > PROGRESS_MIN_FILES) as bar:
+        for index, path in enumerate(paths):
+            bar.update(1)
+            try:
+                clip = {rate: load_audio(path, rate)[0][0] for rate in rates}  # each (T,)
+            except AudioError as err:
+                if on_bad_audio == "error":
+                    raise
+                if skipped is not None:
+                    skipped.append((str(path), str(err)))
+                log.warning("skipped: %s", err)
+                continue
+            indices.append(index)
+            for rate, wave in clip.items():
+                waves[rate].append(wave)
+            if len(indices) == batch_size:
+                yield indices, waves
+                indices, waves = [], {rate: [] for rate in rates}
+        if indices:
             yield indices, waves
-            indices, waves = [], {rate: [] for rate in rates}
-    if indices:
-        yield indices, waves

@@ -16,6 +16,7 @@ from aac_lightning.data.audio import load_audio
 from aac_lightning.ensembles.retrieval import RetrievalEnsemble
 from aac_lightning.inference.audio import (
     AudioInput,
+    array_to_mono,
     check_on_bad_audio,
     check_positive_int,
     expand_audio_paths,
@@ -241,8 +242,15 @@ class Retriever:
         plots rather than for thresholds. ``times_s`` are the frames' centres in seconds. With an
         ensemble, the first member (first checkpoint) is used.
         """
+        model = self.ensemble.models[0]
+        audio = load_audio(audio_path, model.audio_encoder.sample_rate)[0][0]  # (T,)
+        return self.frame_similarity_waveform(audio, model.audio_encoder.sample_rate, query)
+
+    def frame_similarity_waveform(self, waveform: np.ndarray | Tensor, sample_rate: int, query: str) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`frame_similarity` of a waveform ``(time,)`` or ``(channels, time)`` at any
+        ``sample_rate`` (channels averaged and resampled as audio files are)."""
         if not isinstance(query, str) or not query.strip():
             raise ValueError(f"query must be a non-empty string, got {query!r}")
         model = self.ensemble.models[0]
-        audio = load_audio(audio_path, model.audio_encoder.sample_rate)[0][0].to(self.ensemble.device)  # (T,)
+        audio = array_to_mono(waveform, sample_rate, model.audio_encoder.sample_rate).to(self.ensemble.device)  # (T',)
         return frame_scores(model, audio, query)

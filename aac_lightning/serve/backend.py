@@ -20,7 +20,6 @@ import torch
 from aac_lightning.checkpoints import checkpoint_kind, read_checkpoint
 from aac_lightning.data.audio import AudioError, load_audio
 from aac_lightning.inference import Captioner, Retriever
-from aac_lightning.inference.audio import array_to_mono
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +118,13 @@ class DemoBackend:
         self.limits = limits
         self.top_k = top_k
         self.audio_dir = None if audio_dir is None else Path(audio_dir).resolve()
-        self._served: dict[str, Path] = {}
+        self._served: dict[str, Path] = {}  # name (relative to the folder) -> resolved file inside it
+        self._names_by_file: dict[str, str] = {}  # the retriever's file strings -> names
         if self.audio_dir is not None:
             if not self.audio_dir.is_dir():
                 raise FileNotFoundError(f"--audio-dir '{audio_dir}' is not a folder")
             retriever.index(self.audio_dir, on_bad_audio="skip")  # embeddings cached as `search` caches them
+            self._names_by_file = dict(zip(retriever.files, retriever.names))
             for name, path in zip(retriever.names, retriever.files):
                 resolved = Path(path).resolve()
                 if resolved.is_relative_to(self.audio_dir):  # a symbolic link out of the folder is not served
@@ -200,11 +201,7 @@ class DemoBackend:
             if self.retriever is None:
                 result.notes.append("Frame similarity needs a retrieval checkpoint: pass one to `serve`.")
             else:
-                model = self.retriever.ensemble.models[0]
-                samples = array_to_mono(wave, rate, model.audio_encoder.sample_rate).to(self.retriever.ensemble.device)  # (T',)
-                from aac_lightning.inference.frames import frame_scores
-
-                result.similarity = frame_scores(model, samples, phrase)
+                result.similarity = self.retriever.frame_similarity_waveform(wave, rate, phrase)
         return result
 
     def search(self, query: str, k: int | None = None) -> list[SearchHit]:
@@ -222,10 +219,9 @@ class DemoBackend:
         not_served = len(self.retriever.files) - len(self._served)  # links out of the folder, ranked but dropped
         with torch.inference_mode():
             (ranked,) = self.retriever.search(query, k=k + not_served)
-        by_path = {str(Path(p)): name for name, p in zip(self.retriever.names, self.retriever.files)}
         hits = []
         for path, score in ranked:
-            name = by_path[str(Path(path))]
+            name = self._names_by_file[path]
             if name in self._served and len(hits) < k:
                 hits.append(SearchHit(rank=len(hits) + 1, name=name, score=score, path=self._served[name]))
         return hits
